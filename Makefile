@@ -1,0 +1,42 @@
+# make quickstart  -- set-up + the main job on the embedded default (CPU, a few minutes)
+# make test        -- set-up + the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN_DIR ?= runs/quickstart
+# A torch wheel shipped on the machine (CPU build) is used when present; otherwise pip's choice.
+TORCH ?= $(shell ls /opt/wheels/torch-*.whl 2>/dev/null | head -n1 | sed -E 's/.*torch-([0-9.]+).*/torch==\1/')
+
+.PHONY: install quickstart test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(if $(TORCH),$(BIN)/pip install --quiet "$(TORCH)")
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/svdecode fit --config configs/quickstart.yaml --trainer.default_root_dir $(RUN_DIR)
+	$(BIN)/svdecode test --config configs/quickstart.yaml --trainer.default_root_dir $(RUN_DIR) \
+		--model.adapter_path $(RUN_DIR)/adapter
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m "not slow and not slurm"
+
+lint: $(STAMP)
+	$(BIN)/ruff check svdecode_pl tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/steering_extraction.py
+	$(BIN)/python benchmarks/truthfulqa_mc.py
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

@@ -1,0 +1,67 @@
+"""Streaming, process-synchronised estimation of a steering vector.
+
+A torchmetrics Metric holds the sufficient statistics (sums only), so torchmetrics reduces them
+across processes by addition and the result is the same on 1 and on N processes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+from svdecode_pl.steering import SteeringMode, SteeringVector, steering_sums, steering_vector_from_sums
+
+
+class SteeringStatistics(Metric):
+    """Accumulates the sums behind mu* (and the static direction) batch by batch.
+
+    static: sum_t delta_t, sum_t (e_y - p_phi)_t and the token count (two (V,) float64 states).
+    dynamic: sum_t <g_t, delta_t> and sum_t ||delta_t||^2 (two scalars).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+
+    def __init__(self, mode: SteeringMode, vocab_size: int, confidence_threshold: float = 0.0) -> None:
+        super().__init__()
+        self.mode: SteeringMode = mode
+        self.vocab_size = vocab_size
+        self.confidence_threshold = confidence_threshold
+        scalar = lambda: torch.zeros((), dtype=torch.float64)  # noqa: E731
+        self.add_state("count", default=scalar(), dist_reduce_fx="sum")
+        self.add_state("numerator", default=scalar(), dist_reduce_fx="sum")
+        self.add_state("denominator", default=scalar(), dist_reduce_fx="sum")
+        if mode == "static":
+            self.add_state("direction_sum", default=torch.zeros(vocab_size, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state("gradient_sum", default=torch.zeros(vocab_size, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, adapted_logits: torch.Tensor, base_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add (N, V) logits of N calibration tokens and their (N,) target ids."""
+        sums = steering_sums(self.mode, adapted_logits, base_logits, targets, self.confidence_threshold)
+        for name, value in sums.items():
+            setattr(self, name, getattr(self, name) + value.to(self.device))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        states = {"count": self.count, "numerator": self.numerator, "denominator": self.denominator}
+        if self.mode == "static":
+            states.update(direction_sum=self.direction_sum, gradient_sum=self.gradient_sum)
+        return states
+
+    def steering_vector(
+        self, eps: float = 1e-8, mu: float | None = None, mu_scale: float = 1.0, metadata: dict | None = None
+    ) -> SteeringVector:
+        """The steering vector of all tokens seen on all processes; ``mu`` overrides mu*."""
+        states = self.compute()
+        return steering_vector_from_sums(
+            mode=self.mode,
+            count=states["count"],
+            numerator=states["numerator"],
+            denominator=states["denominator"],
+            direction_sum=states.get("direction_sum"),
+            gradient_sum=states.get("gradient_sum"),
+            confidence_threshold=self.confidence_threshold,
+            eps=eps,
+            mu=mu,
+            mu_scale=mu_scale,
+            metadata=metadata,
+        )

@@ -1,0 +1,115 @@
+"""Extract the steering vector at the end of warm-start; attach it for test and predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from svdecode_pl.calibration import SteeringStatistics
+from svdecode_pl.modeling import adapter_disabled
+from svdecode_pl.scoring import chunked_logits, target_hidden_states
+from svdecode_pl.steering import SteeringMode, SteeringVector
+
+
+class SteeringVectorCallback(Callback):
+    """At ``fit`` end: one pass over the calibration data with the adapter on and off, the
+    steering direction, its confidence filter and mu*, saved as an artifact next to the
+    checkpoints (``<dirpath>/steering``). At ``test``/``predict`` start: load that artifact
+    (if the module has no vector yet) and check it matches the model's vocabulary and tokenizer.
+    """
+
+    def __init__(
+        self,
+        mode: SteeringMode = "static",
+        confidence_threshold: float = 0.0,
+        eps: float = 1e-8,
+        mu: float | None = None,
+        mu_scale: float = 1.0,
+        calibration: Literal["train", "validation"] = "train",
+        dirpath: str | None = None,
+    ) -> None:
+        """
+        Args:
+            mode: ``static``: one task-level direction, a fixed logit shift; ``dynamic``: the
+                direction recomputed at each position from the adapted and base logits.
+            confidence_threshold: Vocabulary entries with warm-started probability below this
+                are zeroed in the direction (0.0 filters nothing).
+            eps: Added to the denominator of mu*.
+            mu: A fixed strength that overrides mu* (also when loading an artifact).
+            mu_scale: Multiplies the strength (mu* or ``mu``).
+            calibration: The data split the vector is extracted from.
+            dirpath: Where the ``steering`` artifact goes (default: ``trainer.default_root_dir``).
+        """
+        super().__init__()
+        if mode not in ("static", "dynamic"):
+            raise ValueError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+        self.mode: SteeringMode = mode
+        self.confidence_threshold = confidence_threshold
+        self.eps = eps
+        self.mu = mu
+        self.mu_scale = mu_scale
+        self.calibration = calibration
+        self.dirpath = dirpath
+
+    def artifact_dir(self, trainer: Trainer) -> Path:
+        return Path(self.dirpath or trainer.default_root_dir) / "steering"
+
+    @torch.no_grad()
+    def extract(self, trainer: Trainer, pl_module: LightningModule) -> SteeringVector:
+        """Stream the calibration split once (sharded over processes) and fit the vector."""
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        loader = trainer.datamodule.lm_dataloader(
+            self.calibration, rank=trainer.global_rank, world_size=trainer.world_size
+        )
+        stats = SteeringStatistics(self.mode, pl_module.vocab_size, self.confidence_threshold).to(pl_module.device)
+        chunk = pl_module.hparams.chunk_tokens
+        for index, batch in enumerate(loader):
+            batch = {k: v.to(pl_module.device) for k, v in batch.items()}
+            adapted, targets, head = target_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"])
+            with adapter_disabled(model):
+                base, _, _ = target_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"])
+            try:
+                for rows, adapted_logits in chunked_logits(head, adapted, chunk):
+                    stats.update(adapted_logits, head(base[rows]).float(), targets[rows])
+            except ValueError as err:
+                raise ValueError(f"calibration batch {index} of split {self.calibration!r}: {err}") from None
+        model.train(was_training)
+        metadata = pl_module.steering_metadata()
+        metadata["calibration"] = self.calibration
+        return stats.steering_vector(eps=self.eps, mu=self.mu, mu_scale=self.mu_scale, metadata=metadata)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        vector = self.extract(trainer, pl_module)
+        pl_module.steering_vector = vector
+        if trainer.is_global_zero:
+            path = vector.save(self.artifact_dir(trainer))
+            rank_zero_info(f"steering vector ({vector}) saved to {path}")
+
+    def _attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.steering_vector is not None:
+            return
+        path = self.artifact_dir(trainer)
+        if not (path / "steering_vector.json").exists():
+            rank_zero_info(f"no steering vector at {path}: scoring without steering")
+            return
+        vector = SteeringVector.load(path)
+        vector.check_compatible(
+            pl_module.vocab_size, pl_module.steering_metadata()["tokenizer_fingerprint"], source=str(path / "steering_vector.json")
+        )
+        if self.mu is not None or self.mu_scale != 1.0:
+            base = self.mu if self.mu is not None else vector.metadata.get("mu_star", vector.mu)
+            vector.mu = base * self.mu_scale
+        pl_module.steering_vector = vector
+        rank_zero_info(f"loaded {vector} from {path}")
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._attach(trainer, pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._attach(trainer, pl_module)

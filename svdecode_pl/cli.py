@@ -1,0 +1,43 @@
+"""The ``svdecode`` command: a LightningCLI over SVDecodeModule and the task data modules."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from svdecode_pl.module import SVDecodeModule
+
+
+class SVDecodeCLI(LightningCLI):
+    """``svdecode fit|validate|test|predict --config FILE``; see ``svdecode fit --help``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The data module tokenizes with the model's own tokenizer.
+        parser.link_arguments("model.name_or_path", "data.init_args.tokenizer")
+
+
+def _quiet() -> None:
+    """Silence warnings that say nothing actionable to a user of this CLI."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*`loftq_config` specified but will be ignored.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
+def main(args: list[str] | None = None) -> SVDecodeCLI:
+    """Entry point of the ``svdecode`` console script."""
+    _quiet()
+    return SVDecodeCLI(
+        SVDecodeModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

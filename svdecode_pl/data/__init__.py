@@ -1,0 +1,6 @@
+"""Data modules: TruthfulQA multiple choice (hub, local file or generated) and commonsense sets."""
+
+from svdecode_pl.data.records import DataFormatError, MCQuestion
+from svdecode_pl.data.truthfulqa import TruthfulQADataModule
+
+__all__ = ["DataFormatError", "MCQuestion", "TruthfulQADataModule"]

@@ -1,0 +1,190 @@
+"""The LightningModule: warm-start a PEFT adapter, then score with and without steering."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_only
+from peft import PeftConfig
+from torch import nn
+
+from svdecode_pl.metrics import PerQuestionMean
+from svdecode_pl.modeling import DType, load_causal_lm, load_tokenizer, output_vocab_size, tokenizer_fingerprint
+from svdecode_pl.results import format_table, results_payload, write_results
+from svdecode_pl.scoring import target_hidden_states
+from svdecode_pl.steering import SteeringVector
+from svdecode_pl.tasks import TASK_METRICS, score_item
+
+VARIANTS = ("plain", "steered")
+
+
+class SVDecodeModule(LightningModule):
+    """A causal LM with an optional PEFT adapter.
+
+    ``fit`` trains the adapter with the causal LM loss on the answer tokens only. ``test``
+    scores every question plain and steered (when a steering vector is attached, by
+    :class:`~svdecode_pl.callbacks.SteeringVectorCallback`) and writes ``results.json``;
+    ``predict`` returns per-question records.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str = "svdecode-tiny",
+        peft: PeftConfig | None = None,
+        adapter_path: str | None = None,
+        dtype: DType = "float32",
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        chunk_tokens: int = 256,
+    ) -> None:
+        """
+        Args:
+            name_or_path: Hub id or local directory of any HF causal LM, or a built-in tiny
+                model (``svdecode-tiny``, ``svdecode-tiny-llama``).
+            peft: A PEFT config (``class_path: peft.LoraConfig``, ``peft.IA3Config``,
+                ``peft.PromptTuningConfig``, ``peft.PrefixTuningConfig``); null: no adapter.
+            adapter_path: A saved PEFT adapter to load instead of creating one from ``peft``.
+            dtype: Weights' dtype; the steering math always runs in float32.
+            learning_rate: AdamW learning rate of the adapter.
+            weight_decay: AdamW weight decay.
+            chunk_tokens: Positions whose logits are materialised at once (memory bound at
+                large vocabularies).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["peft"])
+        # the adapter config is recorded by LightningCLI's config.yaml and PEFT's adapter_config.json
+        self.peft_config = peft
+        self.model: nn.Module | None = None
+        self.tokenizer = None
+        self.steering_vector: SteeringVector | None = None
+        self.strict_loading = False  # checkpoints hold only the trainable (adapter) weights
+        self.eval_metrics = nn.ModuleDict()
+        self._task = "truthfulqa_mc"
+
+    # -- model ----------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Create the model (sharded when the strategy asks for it) and attach the adapter."""
+        if self.model is not None:
+            return
+        model = load_causal_lm(self.hparams.name_or_path, self.hparams.dtype)
+        model.requires_grad_(False)
+        if self.hparams.adapter_path:
+            from peft import PeftConfig, PeftModel
+
+            saved = PeftConfig.from_pretrained(self.hparams.adapter_path)
+            # PEFT loads prompt-learning adapters frozen only; they are used for scoring then.
+            model = PeftModel.from_pretrained(
+                model, self.hparams.adapter_path, is_trainable=not saved.is_prompt_learning
+            )
+        elif self.peft_config is not None:
+            from peft import get_peft_model
+
+            config = copy.deepcopy(self.peft_config)
+            config.task_type = config.task_type or "CAUSAL_LM"
+            model = get_peft_model(model, config)
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning sets modes per stage
+
+    def setup(self, stage: str) -> None:
+        self.tokenizer = load_tokenizer(self.hparams.name_or_path)
+
+    @property
+    def vocab_size(self) -> int:
+        return output_vocab_size(self.model)
+
+    def steering_metadata(self) -> dict[str, Any]:
+        """What a steering vector records about the model it was extracted from."""
+        return {
+            "model": self.hparams.name_or_path,
+            "adapter": None if self.peft_config is None else type(self.peft_config).__name__,
+            "vocab_size": self.vocab_size,
+            "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
+        }
+
+    @rank_zero_only
+    def save_adapter(self, directory: str | Path) -> None:
+        """The adapter in PEFT's standard format (``PeftModel.from_pretrained`` loads it)."""
+        if self.model is not None and hasattr(self.model, "peft_config"):
+            self.model.save_pretrained(str(directory))
+            self.tokenizer.save_pretrained(str(directory))
+
+    # -- warm-start -----------------------------------------------------------------------
+
+    def answer_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden, targets, head = target_hidden_states(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["target_mask"]
+        )
+        return F.cross_entropy(head(hidden).float(), targets)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.answer_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val/loss", self.answer_loss(batch), prog_bar=True, sync_dist=True,
+                 batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: the model has no adapter (set --model.peft, e.g. peft.LoraConfig)")
+        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+    def on_fit_end(self) -> None:
+        self.save_adapter(Path(self.trainer.default_root_dir) / "adapter")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    # -- test / predict -------------------------------------------------------------------
+
+    def on_test_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self._task = getattr(datamodule, "task_name", "truthfulqa_mc")
+        self.eval_metrics = nn.ModuleDict(
+            {f"{name}_{variant}": PerQuestionMean() for name in TASK_METRICS[self._task] for variant in VARIANTS}
+        ).to(self.device)
+
+    def _score_batch(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        pad_id = self.tokenizer.pad_token_id or 0
+        return [score_item(self.model, item, self.steering_vector, self.hparams.chunk_tokens, pad_id) for item in batch]
+
+    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        for record in self._score_batch(batch):
+            uid = torch.tensor([record["uid"]], device=self.device)
+            for variant in VARIANTS:
+                for name, value in (record["metrics"][variant] or {}).items():
+                    self.eval_metrics[f"{name}_{variant}"].update(uid, torch.tensor([value], device=self.device))
+
+    def on_test_epoch_end(self) -> None:
+        metrics: dict[str, dict[str, float | None]] = {}
+        n_examples = 0
+        for name in TASK_METRICS[self._task]:
+            metrics[name] = {}
+            for variant in VARIANTS:
+                metric = self.eval_metrics[f"{name}_{variant}"]
+                value = metric.compute() if metric.update_called else None
+                if variant == "plain":
+                    n_examples = metric.num_questions
+                metrics[name][variant] = None if value is None else float(value)
+                if value is not None:
+                    self.log(f"test/{name}_{variant}", float(value), rank_zero_only=True)
+        payload = results_payload(self._task, n_examples, self.steering_vector, metrics, self.trainer)
+        self._write_results(payload)
+
+    @rank_zero_only
+    def _write_results(self, payload: dict[str, Any]) -> None:
+        path = write_results(Path(self.trainer.default_root_dir) / "results.json", payload)
+        print(format_table(payload))
+        print(f"results written to {path}")
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+        return self._score_batch(batch)

@@ -1,0 +1,62 @@
+"""results.json and the printed results table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from svdecode_pl.steering import SteeringVector
+
+
+def results_payload(
+    task: str, n_examples: int, steering: SteeringVector | None, metrics: dict[str, dict[str, float | None]],
+    trainer: Any = None,
+) -> dict[str, Any]:
+    """The results.json document: task, size, the steering used (or null) and the metrics."""
+    payload: dict[str, Any] = {"task": task, "n_examples": n_examples}
+    if steering is None:
+        payload["steering"] = None
+    else:
+        payload["steering"] = {
+            "mode": steering.mode,
+            "mu": steering.mu,
+            "confidence_threshold": steering.confidence_threshold,
+            "mu_star": steering.metadata.get("mu_star"),
+            "token_count": steering.metadata.get("token_count"),
+        }
+    payload["metrics"] = metrics
+    if trainer is not None:
+        datamodule = getattr(trainer, "datamodule", None)
+        payload["data"] = getattr(datamodule, "source", None)
+        payload["world_size"] = trainer.world_size
+    return payload
+
+
+def write_results(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write atomically: a crash never leaves a half-written results.json behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:6.2f}"
+
+
+def format_table(payload: dict[str, Any]) -> str:
+    """A small text table: one row per metric, plain / steered / difference (in %)."""
+    steering = payload.get("steering")
+    title = f"{payload['task']} ({payload['n_examples']} questions)"
+    if steering:
+        title += f", steering {steering['mode']} mu={steering['mu']:.4g}"
+    lines = [title, f"{'metric':<10}{'plain':>9}{'steered':>9}{'delta':>9}"]
+    for name, values in payload["metrics"].items():
+        plain, steered = values.get("plain"), values.get("steered")
+        delta = None if plain is None or steered is None else steered - plain
+        lines.append(f"{name:<10}{_fmt(plain):>9}{_fmt(steered):>9}{_fmt(delta):>9}")
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""The whole pipeline through the `svdecode` CLI: fit, steering at fit end, test, predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from svdecode_pl.cli import main
+from svdecode_pl.modeling import load_causal_lm
+from svdecode_pl.steering import SteeringVector
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def run(*args: str):
+    return main([*args])
+
+
+def small(run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", QUICKSTART,
+        "--trainer.default_root_dir", str(run_dir),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--data.synthetic_questions", "24",
+        "--data.eval_batch_size", "4",
+        *extra,
+    ]
+
+
+def check_results(run_dir: Path, steered: bool) -> dict:
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["task"] == "truthfulqa_mc" and results["n_examples"] == 12
+    for name in ("mc1", "mc2", "mc3"):
+        values = results["metrics"][name]
+        assert 0.0 <= values["plain"] <= 1.0
+        assert (values["steered"] is not None) == steered
+    if steered:
+        assert set(results["steering"]) >= {"mode", "mu", "confidence_threshold"}
+    else:
+        assert results["steering"] is None
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", ["lora", "ia3", "prompt_tuning", "prefix_tuning"])
+def test_fit_extract_test_every_adapter(tmp_path, adapter):
+    args = small(tmp_path, "--config", str(ROOT / "configs" / "peft" / f"{adapter}.yaml"))
+    run("fit", *args, "--trainer.max_steps", "4")
+    vector = SteeringVector.load(tmp_path / "steering")
+    assert vector.mode == "static" and vector.metadata["token_count"] > 0
+    assert torch.isfinite(vector.direction).all() and vector.direction.abs().sum() > 0
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    # the adapter is in PEFT's standard format
+    loaded = PeftModel.from_pretrained(load_causal_lm("svdecode-tiny"), str(tmp_path / "adapter"))
+    assert loaded.peft_config["default"].peft_type.value.lower().replace("_", "") in adapter.replace("_", "")
+    run("test", *args, "--model.adapter_path", str(tmp_path / "adapter"))
+    check_results(tmp_path, steered=True)
+
+
+@pytest.mark.slow
+def test_dynamic_mode_and_predict_records(tmp_path):
+    args = small(tmp_path, "--trainer.callbacks.mode", "dynamic")
+    run("fit", *args, "--trainer.max_steps", "3")
+    vector = SteeringVector.load(tmp_path / "steering")
+    assert vector.mode == "dynamic" and vector.direction is None
+    run("test", *args, "--model.adapter_path", str(tmp_path / "adapter"))
+    results = check_results(tmp_path, steered=True)
+    assert results["steering"]["mode"] == "dynamic"
+    run("predict", *args, "--model.adapter_path", str(tmp_path / "adapter"),
+        "--trainer.callbacks+=svdecode_pl.callbacks.JSONLPredictionWriter")
+    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and [r["uid"] for r in records] == sorted(r["uid"] for r in records)
+    first = records[0]
+    assert len(first["scores"]["plain"]) == len(first["answers"]) == len(first["scores"]["steered"])
+    assert first["choice"]["plain"] in first["answers"]
+
+
+@pytest.mark.slow
+def test_no_adapter_no_steering(tmp_path):
+    run("test", *small(tmp_path, "--config", str(ROOT / "configs" / "peft" / "none.yaml")))
+    check_results(tmp_path, steered=False)
+
+
+@pytest.mark.slow
+def test_mismatched_steering_vector_is_refused(tmp_path):
+    SteeringVector(torch.randn(5), 1.0, metadata={"vocab_size": 5}).save(tmp_path / "steering")
+    with pytest.raises(ValueError, match=r"steering_vector.json: field 'vocab_size' is 5"):
+        run("test", *small(tmp_path))
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_from_last_checkpoint(tmp_path):
+    args = small(tmp_path)
+    run("fit", *args, "--trainer.max_steps", "2")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["global_step"] == 2
+    assert all("lora_" in key for key in state["state_dict"])  # only what is trainable
+    cli = run("fit", *args, "--trainer.max_steps", "4", "--ckpt_path", str(ckpt))
+    assert cli.trainer.global_step == 4
