@@ -27,8 +27,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
-def main(args: list[str] | None = None) -> SVDecodeCLI:
-    """Entry point of the ``svdecode`` console script."""
+def run_cli(args: list[str] | None = None) -> SVDecodeCLI:
+    """Parse ``args`` (default: the command line), run the subcommand, return the CLI object."""
     _quiet()
     return SVDecodeCLI(
         SVDecodeModule,
@@ -37,6 +37,11 @@ def main(args: list[str] | None = None) -> SVDecodeCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main() -> None:
+    """Entry point of the ``svdecode`` console script."""
+    run_cli()
 
 
 if __name__ == "__main__":

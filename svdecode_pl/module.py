@@ -19,6 +19,7 @@ from svdecode_pl.results import format_table, results_payload, write_results
 from svdecode_pl.scoring import target_hidden_states
 from svdecode_pl.steering import SteeringVector
 from svdecode_pl.tasks import TASK_METRICS, score_item
+from svdecode_pl.zero import hf_zero3_loading, initialize_adapter, load_adapter, save_adapter
 
 VARIANTS = ("plain", "steered")
 
@@ -41,6 +42,7 @@ class SVDecodeModule(LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         chunk_tokens: int = 256,
+        init_seed: int = 0,
     ) -> None:
         """
         Args:
@@ -54,6 +56,8 @@ class SVDecodeModule(LightningModule):
             weight_decay: AdamW weight decay.
             chunk_tokens: Positions whose logits are materialised at once (memory bound at
                 large vocabularies).
+            init_seed: Seed of the adapter's initialisation: the same adapter under any
+                strategy (DDP, ZeRO-2/3) and any number of processes.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["peft"])
@@ -72,22 +76,19 @@ class SVDecodeModule(LightningModule):
         """Create the model (sharded when the strategy asks for it) and attach the adapter."""
         if self.model is not None:
             return
-        model = load_causal_lm(self.hparams.name_or_path, self.hparams.dtype)
+        trainer = self._trainer  # None when used outside a Trainer
+        with hf_zero3_loading(trainer):
+            model = load_causal_lm(self.hparams.name_or_path, self.hparams.dtype)
         model.requires_grad_(False)
         if self.hparams.adapter_path:
-            from peft import PeftConfig, PeftModel
-
-            saved = PeftConfig.from_pretrained(self.hparams.adapter_path)
-            # PEFT loads prompt-learning adapters frozen only; they are used for scoring then.
-            model = PeftModel.from_pretrained(
-                model, self.hparams.adapter_path, is_trainable=not saved.is_prompt_learning
-            )
+            model = load_adapter(model, self.hparams.adapter_path, trainer)
         elif self.peft_config is not None:
             from peft import get_peft_model
 
             config = copy.deepcopy(self.peft_config)
             config.task_type = config.task_type or "CAUSAL_LM"
             model = get_peft_model(model, config)
+            initialize_adapter(model, self.hparams.init_seed, trainer)
         self.model = model.train()  # from_pretrained returns eval mode; Lightning sets modes per stage
 
     def setup(self, stage: str) -> None:
@@ -106,12 +107,10 @@ class SVDecodeModule(LightningModule):
             "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
         }
 
-    @rank_zero_only
     def save_adapter(self, directory: str | Path) -> None:
-        """The adapter in PEFT's standard format (``PeftModel.from_pretrained`` loads it)."""
-        if self.model is not None and hasattr(self.model, "peft_config"):
-            self.model.save_pretrained(str(directory))
-            self.tokenizer.save_pretrained(str(directory))
+        """The adapter in PEFT's standard format (``PeftModel.from_pretrained`` loads it);
+        every process calls this (collective under ZeRO-3), the first one writes."""
+        save_adapter(self.model, directory, self._trainer, self.tokenizer)
 
     # -- warm-start -----------------------------------------------------------------------
 
@@ -130,8 +129,10 @@ class SVDecodeModule(LightningModule):
         self.log("val/loss", self.answer_loss(batch), prog_bar=True, sync_dist=True,
                  batch_size=batch["input_ids"].shape[0])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params and self.trainer.max_steps == 0:
+            return None  # extraction only (e.g. from a loaded adapter): nothing to optimise
         if not params:
             raise ValueError("nothing to train: the model has no adapter (set --model.peft, e.g. peft.LoraConfig)")
         return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
@@ -143,6 +144,12 @@ class SVDecodeModule(LightningModule):
         trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
         if "state_dict" in checkpoint:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # dropout masks after a resume are those of an uninterrupted run
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
 
     # -- test / predict -------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -140,5 +142,11 @@ def resolve_tiny_model(name: str) -> Path:
     path = tiny_model_cache() / f"{name}-{key}"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny_model(path, **spec)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # transformers' save_pretrained writes weights on global rank 0 only: build outside
+            # the process group, in a child process
+            code = f"from svdecode_pl.tiny import build_tiny_model; build_tiny_model({str(path)!r}, **{spec!r})"
+            subprocess.run([sys.executable, "-c", code], check=True)
+        else:
+            build_tiny_model(path, **spec)
     return path

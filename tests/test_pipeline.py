@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from svdecode_pl.cli import main
+from svdecode_pl.cli import run_cli
 from svdecode_pl.modeling import load_causal_lm
 from svdecode_pl.steering import SteeringVector
 
@@ -18,7 +18,7 @@ QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 
 def run(*args: str):
-    return main([*args])
+    return run_cli([*args])
 
 
 def small(run_dir: Path, *extra: str) -> list[str]:

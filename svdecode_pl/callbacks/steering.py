@@ -13,6 +13,7 @@ from svdecode_pl.calibration import SteeringStatistics
 from svdecode_pl.modeling import adapter_disabled
 from svdecode_pl.scoring import chunked_logits, target_hidden_states
 from svdecode_pl.steering import SteeringMode, SteeringVector
+from svdecode_pl.zero import full_output_head
 
 
 class SteeringVectorCallback(Callback):
@@ -69,16 +70,18 @@ class SteeringVectorCallback(Callback):
         )
         stats = SteeringStatistics(self.mode, pl_module.vocab_size, self.confidence_threshold).to(pl_module.device)
         chunk = pl_module.hparams.chunk_tokens
-        for index, batch in enumerate(loader):
-            batch = {k: v.to(pl_module.device) for k, v in batch.items()}
-            adapted, targets, head = target_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"])
-            with adapter_disabled(model):
-                base, _, _ = target_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"])
-            try:
-                for rows, adapted_logits in chunked_logits(head, adapted, chunk):
-                    stats.update(adapted_logits, head(base[rows]).float(), targets[rows])
-            except ValueError as err:
-                raise ValueError(f"calibration batch {index} of split {self.calibration!r}: {err}") from None
+        with full_output_head(model, trainer) as head:
+            for index, batch in enumerate(loader):
+                batch = {k: v.to(pl_module.device) for k, v in batch.items()}
+                inputs = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
+                adapted, targets, _ = target_hidden_states(model, *inputs)
+                with adapter_disabled(model):
+                    base, _, _ = target_hidden_states(model, *inputs)
+                try:
+                    for rows, adapted_logits in chunked_logits(head, adapted, chunk):
+                        stats.update(adapted_logits, head(base[rows]).float(), targets[rows])
+                except ValueError as err:
+                    raise ValueError(f"calibration batch {index} of split {self.calibration!r}: {err}") from None
         model.train(was_training)
         metadata = pl_module.steering_metadata()
         metadata["calibration"] = self.calibration

@@ -8,12 +8,12 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from svdecode_pl.data.primer import QA_PRIMER, mc_prompt
 from svdecode_pl.data.records import DataFormatError, MCQuestion, from_json_record, read_mc_file
 from svdecode_pl.data.synthetic import synthetic_questions
-from svdecode_pl.modeling import load_tokenizer
+from svdecode_pl.modeling import load_tokenizer, resolve_name_or_path
 
 Split = Literal["train", "validation", "test"]
 
@@ -128,6 +128,10 @@ class TruthfulQADataModule(LightningDataModule):
             raise DataFormatError(f"{self.source}: no questions")
         return questions
 
+    def prepare_data(self) -> None:
+        """Runs once per node before ``setup``: builds a built-in tiny model if needed."""
+        resolve_name_or_path(self.tokenizer_name)
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
@@ -196,7 +200,13 @@ class TruthfulQADataModule(LightningDataModule):
         items = [self.lm_example(q) for q in self.split(split)]
         if not items:
             raise ValueError(f"{self.source}: split {split!r} is empty (check train_fraction / val_fraction)")
-        if world_size > 1:
+        sampler = None
+        if shuffle:
+            # the order depends on (seed, epoch) only, so a resumed run sees the batches an
+            # uninterrupted one would (Lightning calls set_epoch); sharded like DDP's sampler
+            sampler = DistributedSampler(items, num_replicas=world_size, rank=rank, shuffle=True,
+                                         seed=self.hparams.seed)
+        elif world_size > 1:
             per_rank = -(-len(items) // world_size)
             shard = items[rank::world_size]
             shard += [dict(items[0], padding=True)] * (per_rank - len(shard))
@@ -205,7 +215,7 @@ class TruthfulQADataModule(LightningDataModule):
         return DataLoader(
             items,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             collate_fn=functools.partial(collate_lm, pad_id=pad_id),
         )
@@ -220,7 +230,9 @@ class TruthfulQADataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.lm_dataloader("train", shuffle=True)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return self.lm_dataloader("train", shuffle=True, rank=rank, world_size=world)
 
     def val_dataloader(self) -> DataLoader | list:
         return self.lm_dataloader("validation") if self.split("validation") else []
