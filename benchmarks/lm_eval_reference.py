@@ -138,8 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="where converted data/task yamls go (default: temp)")
     args = ap.parse_args(argv)
 
-    import torch
     import lm_eval
+    import torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Literal
 
 import torch

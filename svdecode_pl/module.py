@@ -16,9 +16,9 @@ from torch import nn
 from svdecode_pl.metrics import PerQuestionMean
 from svdecode_pl.modeling import DType, load_causal_lm, load_tokenizer, output_vocab_size, tokenizer_fingerprint
 from svdecode_pl.results import format_table, results_payload, write_results
-from svdecode_pl.scoring import target_hidden_states
+from svdecode_pl.scoring import PrefixCache, target_hidden_states
 from svdecode_pl.steering import SteeringVector
-from svdecode_pl.tasks import TASK_METRICS, score_item
+from svdecode_pl.tasks import TASK_METRICS, score_items
 from svdecode_pl.zero import hf_zero3_loading, initialize_adapter, load_adapter, save_adapter
 
 VARIANTS = ("plain", "steered")
@@ -69,6 +69,7 @@ class SVDecodeModule(LightningModule):
         self.strict_loading = False  # checkpoints hold only the trainable (adapter) weights
         self.eval_metrics = nn.ModuleDict()
         self._task = "truthfulqa_mc"
+        self._prefix: PrefixCache | None = None
 
     # -- model ----------------------------------------------------------------------------
 
@@ -153,7 +154,11 @@ class SVDecodeModule(LightningModule):
 
     # -- test / predict -------------------------------------------------------------------
 
+    def on_predict_start(self) -> None:
+        self._prefix = PrefixCache()
+
     def on_test_start(self) -> None:
+        self._prefix = PrefixCache()
         datamodule = getattr(self.trainer, "datamodule", None)
         self._task = getattr(datamodule, "task_name", "truthfulqa_mc")
         self.eval_metrics = nn.ModuleDict(
@@ -162,7 +167,7 @@ class SVDecodeModule(LightningModule):
 
     def _score_batch(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pad_id = self.tokenizer.pad_token_id or 0
-        return [score_item(self.model, item, self.steering_vector, self.hparams.chunk_tokens, pad_id) for item in batch]
+        return score_items(self.model, batch, self.steering_vector, self.hparams.chunk_tokens, pad_id, self._prefix)
 
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         for record in self._score_batch(batch):

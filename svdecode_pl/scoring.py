@@ -6,8 +6,10 @@ that predict target tokens, ``chunk_tokens`` positions at a time.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,24 +69,90 @@ def score_tokens(
     return TokenScores(plain, steered)
 
 
-def _continuation_hidden(model: nn.Module, context: torch.Tensor, continuations: torch.Tensor) -> torch.Tensor:
-    """(A, L, H) hidden states predicting each continuation token, the context encoded once.
+class PrefixCache:
+    """Keys and values of a token prefix shared by many contexts (the QA primer), computed once
+    per model state ("adapted" / "base") and copied for each context that starts with it."""
 
-    The context runs through the full (PEFT) model and its keys and values are reused for all
-    A continuations, which run through the inner transformers model (the adapter's layers are
-    inside it; a prompt-learning adapter's virtual tokens are already in the cache).
-    """
-    num = continuations.shape[0]
-    with hidden_states_as_logits(model):
-        out = model(input_ids=context, use_cache=True)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(num)
-        cont = hf_model(model)(input_ids=continuations, past_key_values=cache, use_cache=True).logits
-    last_context = out.logits[:, -1:].expand(num, 1, -1)
-    return torch.cat([last_context, cont[:, :-1]], dim=1)
+    def __init__(self) -> None:
+        self._ids: tuple[int, ...] | None = None
+        self._caches: dict[str, Any] = {}
+
+    def get(self, model: nn.Module, prefix_ids: list[int], state: str, device: torch.device) -> Any:
+        if tuple(prefix_ids) != self._ids:
+            self._ids, self._caches = tuple(prefix_ids), {}
+        if state not in self._caches:
+            with hidden_states_as_logits(model):
+                out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
+            self._caches[state] = out.past_key_values
+        return copy.deepcopy(self._caches[state])
 
 
 @torch.no_grad()
+def score_many(
+    model: nn.Module,
+    contexts: list[list[int]],
+    continuations: list[list[list[int]]],
+    steering: SteeringVector | None = None,
+    chunk_tokens: int = 256,
+    pad_id: int = 0,
+    prefix: PrefixCache | None = None,
+    prefix_len: int = 0,
+    max_rows: int = 64,
+) -> list[TokenScores]:
+    """Sum of token log-probabilities of every continuation of every context.
+
+    Each (context, continuation) pair is a row; rows are sorted by length and run ``max_rows``
+    at a time, right-padded (a causal model's real tokens never attend to later pads, so no
+    mask is needed). With a ``prefix`` cache, the first ``prefix_len`` tokens, which all
+    contexts share (the QA primer), are encoded once and each row attends to their cached
+    keys and values; only the rest of the context and the continuation run per row.
+    """
+    device = next(model.parameters()).device
+    if any(len(c) == 0 for conts in continuations for c in conts):
+        raise ValueError("a continuation has no tokens")
+    use_prefix = prefix is not None and prefix_len > 0 and all(len(c) > prefix_len for c in contexts)
+    skip = prefix_len if use_prefix else 0
+    rows = [(q, a) for q, conts in enumerate(continuations) for a in range(len(conts))]
+    rows.sort(key=lambda qa: len(contexts[qa[0]]) + len(continuations[qa[0]][qa[1]]))
+    plain = [torch.zeros(len(c), dtype=torch.float64) for c in continuations]
+    steered = [torch.zeros(len(c), dtype=torch.float64) for c in continuations] if steering is not None else None
+    head = hf_model(model).get_output_embeddings()
+
+    def hidden_of(ids: torch.Tensor, state: str) -> torch.Tensor:
+        with hidden_states_as_logits(model):
+            if use_prefix:
+                cache = prefix.get(model, contexts[0][:prefix_len], state, device)
+                cache.batch_repeat_interleave(ids.shape[0])
+                return hf_model(model)(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            out = model(input_ids=ids, use_cache=False).logits
+            return out[:, out.shape[1] - ids.shape[1] :]  # drop prompt-tuning virtual tokens
+
+    for start in range(0, len(rows), max_rows):
+        group = rows[start : start + max_rows]
+        seqs = [contexts[q][skip:] + continuations[q][a] for q, a in group]
+        ids = torch.full((len(group), max(map(len, seqs))), pad_id, device=device)
+        predict = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+        for row, ((q, a), seq) in enumerate(zip(group, seqs)):
+            ids[row, : len(seq)] = torch.tensor(seq, device=device)
+            first = len(contexts[q]) - skip - 1  # the position predicting the first continuation token
+            predict[row, first : len(seq) - 1] = True
+        targets = ids[:, 1:][predict[:, :-1]]
+        adapted = hidden_of(ids, "adapted")[predict]
+        base = None
+        if steering is not None and steering.needs_base_logits:
+            with adapter_disabled(model):
+                base = hidden_of(ids, "base")[predict]
+        scores = score_tokens(head, adapted, targets, steering, base, chunk_tokens)
+        owner = torch.arange(len(group), device=device)[:, None].expand_as(predict)[predict]
+        sums = [torch.zeros(len(group), dtype=torch.float64, device=device).index_add_(0, owner, v.double())
+                for v in (scores.plain, scores.steered) if v is not None]
+        for row, (q, a) in enumerate(group):
+            plain[q][a] = sums[0][row]
+            if steered is not None:
+                steered[q][a] = sums[1][row]
+    return [TokenScores(plain[q], None if steered is None else steered[q]) for q in range(len(contexts))]
+
+
 def score_continuations(
     model: nn.Module,
     context_ids: list[int],
@@ -93,29 +161,5 @@ def score_continuations(
     chunk_tokens: int = 256,
     pad_id: int = 0,
 ) -> TokenScores:
-    """Sum of token log-probabilities of each continuation after the context (A,)."""
-    device = next(model.parameters()).device
-    lengths = torch.tensor([len(c) for c in continuation_ids], device=device)
-    if (lengths == 0).any():
-        raise ValueError("a continuation has no tokens")
-    context = torch.tensor([context_ids], device=device)
-    padded = torch.full((len(continuation_ids), int(lengths.max())), pad_id, device=device)
-    for i, ids in enumerate(continuation_ids):
-        padded[i, : len(ids)] = torch.tensor(ids, device=device)
-    # Right padding needs no mask: a causal model's real tokens never attend to later pads.
-    valid = torch.arange(padded.shape[1], device=device)[None] < lengths[:, None]
-    head = hf_model(model).get_output_embeddings()
-    adapted = _continuation_hidden(model, context, padded)[valid]
-    base = None
-    if steering is not None and steering.needs_base_logits:
-        with adapter_disabled(model):
-            base = _continuation_hidden(model, context, padded)[valid]
-    tokens = score_tokens(head, adapted, padded[valid], steering, base, chunk_tokens)
-    owner = torch.arange(len(continuation_ids), device=device)[:, None].expand_as(valid)[valid]
-
-    def per_answer(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(len(continuation_ids), dtype=torch.float64, device=device).index_add_(
-            0, owner, values.double()
-        )
-
-    return TokenScores(per_answer(tokens.plain), None if tokens.steered is None else per_answer(tokens.steered))
+    """Sum of token log-probabilities of each continuation after one context, shape (A,)."""
+    return score_many(model, [context_ids], [continuation_ids], steering, chunk_tokens, pad_id)[0]

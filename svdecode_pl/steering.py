@@ -222,7 +222,9 @@ class SteeringVector:
             direction = tensors["direction"]
         return cls(direction, meta["mu"], meta["mode"], meta["confidence_threshold"], meta["metadata"])
 
-    def check_compatible(self, vocab_size: int, tokenizer_fingerprint: str | None, source: str = "steering vector") -> None:
+    def check_compatible(
+        self, vocab_size: int, tokenizer_fingerprint: str | None, source: str = "steering vector"
+    ) -> None:
         """Refuse a vector extracted for another vocabulary or tokenizer."""
         mine = self.metadata.get("vocab_size")
         if mine is not None and mine != vocab_size:

@@ -19,7 +19,6 @@ from typing import Literal
 
 import torch
 
-
 Architecture = Literal["qwen2", "llama"]
 
 #: Names that resolve to a built-in tiny model instead of a hub id or a local path.
@@ -79,6 +78,7 @@ def build_tiny_model(
     num_kv_heads: int = 2,
     vocab_size: int | None = None,
     seed: int = 0,
+    embedding_std: float = 0.25,
 ) -> Path:
     """Build and save a tiny model + tokenizer into ``path``; deterministic for a given seed.
 
@@ -113,6 +113,10 @@ def build_tiny_model(
     torch.manual_seed(seed)
     try:
         model = cls(config)
+        # HF's default init (std 0.02) bounds every logit near 0 after the final norm, so no
+        # adapter could make a random tiny model confident; wider embeddings give the logits range.
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, embedding_std)
     finally:
         torch.random.set_rng_state(generator_state)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -138,7 +142,7 @@ def tiny_model_cache() -> Path:
 def resolve_tiny_model(name: str) -> Path:
     """Path of a built-in tiny model, built on first use (atomically) in the cache directory."""
     spec = TINY_MODELS[name]
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode() + b"v1").hexdigest()[:10]
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode() + b"v3").hexdigest()[:10]
     path = tiny_model_cache() / f"{name}-{key}"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,8 @@ import csv
 import json
 
 import pytest
-
 from conftest import mc_records, real_data
+
 from svdecode_pl.data import DataFormatError, TruthfulQADataModule
 from svdecode_pl.data.primer import QA_PRIMER
 from svdecode_pl.data.records import read_mc_file
@@ -33,7 +33,9 @@ def test_hub_jsonl_and_csv_give_the_same_questions(tmp_path, mc_task_file):
     csv_path = tmp_path / "TruthfulQA.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
+        writer.writerow(
+            ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"]
+        )
         for r in rows:
             writer.writerow(["Adversarial", "Misc", r["question"], "Nothing happens.",
                              "Nothing happens.; Nothing in particular.", "Bad luck for years.; You die.", "x"])
@@ -111,7 +113,8 @@ def test_prompt_and_continuation_tokens(mc_task_file):
 def test_synthetic_task_is_deterministic_and_valid():
     a, b = synthetic_questions(50, seed=3), synthetic_questions(50, seed=3)
     assert [q.mc2_choices for q in a] == [q.mc2_choices for q in b]
-    assert synthetic_questions(50, seed=4)[0].mc2_choices != a[0].mc2_choices or a[1].question != synthetic_questions(50, seed=4)[1].question
+    other = synthetic_questions(50, seed=4)
+    assert [q.question for q in other] != [q.question for q in a]
     for q in a:
         assert q.mc1_labels.count(1) == 1 and 0 in q.mc2_labels and 1 in q.mc2_labels
 

@@ -102,9 +102,8 @@ class SteeringVectorCallback(Callback):
             rank_zero_info(f"no steering vector at {path}: scoring without steering")
             return
         vector = SteeringVector.load(path)
-        vector.check_compatible(
-            pl_module.vocab_size, pl_module.steering_metadata()["tokenizer_fingerprint"], source=str(path / "steering_vector.json")
-        )
+        fingerprint = pl_module.steering_metadata()["tokenizer_fingerprint"]
+        vector.check_compatible(pl_module.vocab_size, fingerprint, source=str(path / "steering_vector.json"))
         if self.mu is not None or self.mu_scale != 1.0:
             base = self.mu if self.mu is not None else vector.metadata.get("mu_star", vector.mu)
             vector.mu = base * self.mu_scale

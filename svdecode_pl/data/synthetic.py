@@ -52,7 +52,9 @@ def corpus_words() -> list[str]:
     """Words the tiny tokenizer should know (so the task is not spelled byte by byte)."""
     text = " ".join(_THINGS + _ACTIONS + _TRUE_MYTH + _FALSE_MYTH + list(_FACTS) + _COLORS)
     text += " " + " ".join(_FACT_QUESTIONS + _TRUE_FACT + ["What happens if you"])
-    return [w.strip(".,?") for w in text.replace("{a}", "").replace("{t}", "").replace("{s}", "").replace("{c}", "").split()]
+    for placeholder in ("{a}", "{t}", "{s}", "{c}"):
+        text = text.replace(placeholder, "")
+    return [w.strip(".,?") for w in text.split()]
 
 
 def synthetic_questions(num_questions: int = 400, seed: int = 0) -> list[MCQuestion]:

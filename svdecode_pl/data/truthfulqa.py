@@ -21,13 +21,14 @@ Split = Literal["train", "validation", "test"]
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of a context and its continuation, split as lm-evaluation-harness does:
     trailing context whitespace moves to the continuation, the pair is encoded whole, and the
-    continuation is what follows the separately encoded context."""
+    continuation is what follows the separately encoded context. The tokenizer's own special
+    tokens are kept (a BOS for Llama 3, none for Qwen2), as lm-eval keeps them."""
     stripped = context.rstrip()
     if len(stripped) < len(context):
         continuation = context[len(stripped) :] + continuation
         context = stripped
-    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    context_ids = tokenizer(context)["input_ids"]
+    whole = tokenizer(context + continuation)["input_ids"]
     return context_ids, whole[len(context_ids) :]
 
 
@@ -44,6 +45,22 @@ def collate_lm(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         if not item.get("padding", False):  # padding items even out shards; they count nothing
             target_mask[row, item["num_context"] : n] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
+
+
+def mark_shared_prefix(items: list[dict[str, Any]], min_tokens: int = 8) -> list[dict[str, Any]]:
+    """Store in each item how many leading context tokens all items share (the QA primer), so
+    scoring encodes them once. Computed over the whole split, so every process agrees."""
+    if len(items) < 2:
+        return items
+    first = items[0]["context_ids"]
+    shared = len(first)
+    for item in items[1:]:
+        ids = item["context_ids"]
+        limit = min(shared, len(ids))
+        shared = next((i for i in range(limit) if ids[i] != first[i]), limit)
+    for item in items:
+        item["shared_prefix_len"] = shared if shared >= min_tokens else 0
+    return items
 
 
 def collate_questions(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -221,7 +238,7 @@ class TruthfulQADataModule(LightningDataModule):
         )
 
     def scoring_dataloader(self, split: Split) -> DataLoader:
-        items = [self.scoring_item(q) for q in self.split(split)]
+        items = mark_shared_prefix([self.scoring_item(q) for q in self.split(split)])
         return DataLoader(
             items,
             batch_size=self.hparams.eval_batch_size,
