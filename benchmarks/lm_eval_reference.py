@@ -8,11 +8,12 @@ Create the venv (once; PyPI only, torch comes from the machine's local wheel dir
 
     python3 -m venv /tmp/lmeval/venv
     /tmp/lmeval/venv/bin/pip install torch==2.13.0
-    /tmp/lmeval/venv/bin/pip install lm-eval transformers
+    /tmp/lmeval/venv/bin/pip install "lm-eval[hf]" transformers   # [hf] brings accelerate (needed by HFLM)
     # versions this was written and verified against:
-    #   lm-eval 0.4.13, transformers 5.23.0, tokenizers 0.23.3, datasets 5.2.0,
+    #   lm-eval 0.4.13, transformers 5.23.0, tokenizers 0.23.3, datasets 5.2.0, accelerate 1.15.0,
     #   torch 2.13.0+cpu, numpy 2.4.6, Python 3.11.7
-    # to reproduce exactly:  pip install lm-eval==0.4.13 transformers==5.23.0 datasets==5.2.0
+    # to reproduce exactly:
+    #   pip install "lm-eval[hf]==0.4.13" transformers==5.23.0 tokenizers==0.23.3 datasets==5.2.0
 
 Run:
 
@@ -31,7 +32,7 @@ Prints exactly one JSON line on stdout, e.g.
   n               : number of questions evaluated (per task)
 All logs go to stderr.
 
-What lm-eval does (0.4.13, tasks truthfulqa_mc1 v2.0 / truthfulqa_mc2 v3.0), see --help-notes:
+What lm-eval does (0.4.13, tasks truthfulqa_mc1 v2.0 / truthfulqa_mc2 v3.0):
   * context  = QA_PRIMER + "\n\nQ: " + question + "\nA:"   (zero-shot, no chat template)
   * continuation = " " + answer  (target_delimiter " ")
   * _encode_pair: trailing whitespace of the context is moved to the continuation (none here);
@@ -44,6 +45,13 @@ What lm-eval does (0.4.13, tasks truthfulqa_mc1 v2.0 / truthfulqa_mc2 v3.0), see
     answer is choice 0, so an exact tie with the correct answer counts as correct.
   * MC2 = sum(p[label==1]) / sum(p), p = exp(ll) in float64 (no max-subtraction).
   * Final metrics: plain mean over questions.
+  * Batching: requests are sorted by total token length (desc) and right-padded per batch; the
+    float32 logits then differ slightly with --batch-size (|d ll| up to ~3e-5, MC2 up to ~5e-9).
+    --batch-size 1 (no padding) equals a plain unbatched forward pass bit-for-bit.
+  * transformers>=5 gotcha: AutoTokenizer loads a model_type=qwen2 dir as Qwen2Tokenizer, which
+    rebuilds NFC + Qwen2 regex pre-tokenizer from vocab/merges and IGNORES the pre-tokenizer stored
+    in tokenizer.json; a tokenizer.json with a different pipeline then tokenizes differently from
+    tokenizers.Tokenizer.from_file(...).
 
 The data may be the project's mc_task.json (list of {"question", "mc1_targets": {answer: 0/1},
 "mc2_targets": {...}}) or a hub-format jsonl ({"question", "mc1_targets": {"choices": [...],

@@ -69,6 +69,7 @@ class SVDecodeModule(LightningModule):
         self.strict_loading = False  # checkpoints hold only the trainable (adapter) weights
         self.eval_metrics = nn.ModuleDict()
         self._task = "truthfulqa_mc"
+        self._metric_names: tuple[str, ...] = TASK_METRICS[self._task]
         self._prefix: PrefixCache | None = None
 
     # -- model ----------------------------------------------------------------------------
@@ -161,13 +162,16 @@ class SVDecodeModule(LightningModule):
         self._prefix = PrefixCache()
         datamodule = getattr(self.trainer, "datamodule", None)
         self._task = getattr(datamodule, "task_name", "truthfulqa_mc")
+        # a data module may list its own metrics (e.g. "accuracy/<set>" per commonsense set)
+        self._metric_names = tuple(getattr(datamodule, "metric_names", None) or TASK_METRICS[self._task])
         self.eval_metrics = nn.ModuleDict(
-            {f"{name}_{variant}": PerQuestionMean() for name in TASK_METRICS[self._task] for variant in VARIANTS}
+            {f"{name}_{variant}": PerQuestionMean() for name in self._metric_names for variant in VARIANTS}
         ).to(self.device)
 
     def _score_batch(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pad_id = self.tokenizer.pad_token_id or 0
-        return score_items(self.model, batch, self.steering_vector, self.hparams.chunk_tokens, pad_id, self._prefix)
+        return score_items(self.model, batch, self.steering_vector, self.hparams.chunk_tokens, pad_id, self._prefix,
+                           tokenizer=self.tokenizer)
 
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         for record in self._score_batch(batch):
@@ -179,13 +183,13 @@ class SVDecodeModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         metrics: dict[str, dict[str, float | None]] = {}
         n_examples = 0
-        for name in TASK_METRICS[self._task]:
+        for name in self._metric_names:
             metrics[name] = {}
             for variant in VARIANTS:
                 metric = self.eval_metrics[f"{name}_{variant}"]
                 value = metric.compute() if metric.update_called else None
-                if variant == "plain":
-                    n_examples = metric.num_questions
+                if variant == "plain":  # the largest count: the overall metric's, not a subset's
+                    n_examples = max(n_examples, metric.num_questions)
                 metrics[name][variant] = None if value is None else float(value)
                 if value is not None:
                     self.log(f"test/{name}_{variant}", float(value), rank_zero_only=True)

@@ -199,7 +199,7 @@ cmd_start() {
         state=$(node_state || true)
         case $state in
             idle | mixed | allocated) break ;;
-            down* | drain* | drained* | fail*)
+            down* | drain* | fail*)
                 # e.g. state saved from an earlier run: bring it back
                 scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true ;;
         esac

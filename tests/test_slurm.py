@@ -1,0 +1,202 @@
+"""SLURM scripts: static checks, and a real fit + test on a one-node cluster.
+
+The cluster test starts SLURM on this machine with ``tests/slurm_cluster.sh start``
+(root and apt needed; it is skipped, with the reason, when the daemons cannot
+start), submits ``slurm/fit.sbatch`` as 2 DDP tasks on CPU and then
+``slurm/test.sbatch``, and checks that both jobs COMPLETED and that
+``results.json`` was written. A cluster that was already running is left running;
+one that the test started is stopped at the end.
+
+Jobs are submitted from a pytest tmp dir, so logs/ and runs/ land there, not
+in the repository. Environment knobs: ``SVDECODE`` (command that runs the CLI,
+default: the ``svdecode`` next to the running Python, else on PATH),
+``SLURM_TEST_CONFIG`` (default: configs/quickstart.yaml), ``SLURM_TEST_TIMEOUT``
+(seconds per job, default 900).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_DIR = REPO / "slurm"
+CLUSTER_SH = REPO / "tests" / "slurm_cluster.sh"
+SCRIPTS = sorted(SLURM_DIR.glob("*.sbatch")) + sorted(SLURM_DIR.glob("*.sh")) + [CLUSTER_SH]
+
+CONFIG = os.environ.get("SLURM_TEST_CONFIG", str(REPO / "configs" / "quickstart.yaml"))
+# small overrides so that the fit takes seconds on 2 CPU processes
+FIT_ARGS = "--trainer.accelerator cpu --trainer.max_steps 5 --trainer.enable_progress_bar false"
+TEST_ARGS = "--trainer.accelerator cpu --trainer.enable_progress_bar false"
+# CPU variant of the GPU defaults in the #SBATCH lines
+CPU_SBATCH = ["--gpus-per-node=0", "--cpus-per-task=1"]
+JOB_TIMEOUT = float(os.environ.get("SLURM_TEST_TIMEOUT", "900"))
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
+
+
+# --------------------------------------------------------------------------- static checks
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script: Path) -> None:
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script: Path) -> None:
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    res = subprocess.run(["shellcheck", "--shell=bash", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_slurm_scripts_present() -> None:
+    for name in ("fit.sbatch", "test.sbatch", "sweep.sbatch", "README.md"):
+        assert (SLURM_DIR / name).is_file(), name
+    fit = (SLURM_DIR / "fit.sbatch").read_text()
+    assert "#SBATCH --signal=SIGUSR1@90" in fit
+    assert "#SBATCH --requeue" in fit
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+def _svdecode_cmd() -> str:
+    if os.environ.get("SVDECODE"):
+        return os.environ["SVDECODE"]
+    local = Path(sys.executable).parent / "svdecode"
+    if local.exists():
+        return str(local)
+    return shutil.which("svdecode") or "svdecode"
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> Iterator[None]:
+    """Start the one-node cluster; skip (with the reason) if its daemons cannot start."""
+    if os.name != "posix" or shutil.which("bash") is None:
+        pytest.skip("SLURM cluster needs Linux and bash")
+    if os.geteuid() != 0:
+        pytest.skip("SLURM cluster needs root (slurmctld/slurmd run as root, apt-get installs)")
+    status = subprocess.run(["bash", str(CLUSTER_SH), "status"], capture_output=True, text=True, timeout=60)
+    was_running = "slurmctld: running" in status.stdout
+    res = subprocess.run(["bash", str(CLUSTER_SH), "start"], capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        reason = (res.stderr.strip() or res.stdout.strip()).splitlines()
+        msg = next((ln for ln in reason if "ERROR" in ln), reason[-1] if reason else "?")
+        print(res.stdout, res.stderr, sep="\n", file=sys.stderr)
+        if not was_running:  # e.g. munged came up but slurmctld did not
+            subprocess.run(["bash", str(CLUSTER_SH), "stop"], capture_output=True, text=True, timeout=120)
+        pytest.skip(f"SLURM daemons could not start: {msg}")
+    yield
+    if not was_running:  # leave the machine as we found it
+        subprocess.run(["bash", str(CLUSTER_SH), "stop"], capture_output=True, text=True, timeout=120)
+
+
+def _submit(script: Path, sbatch_args: list[str], env: dict[str, str], cwd: Path) -> str:
+    res = subprocess.run(
+        ["sbatch", "--parsable", *sbatch_args, str(script)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, f"sbatch {script.name} failed: {res.stderr}"
+    return res.stdout.strip().split(";")[0]
+
+
+def _job_info(job_id: str) -> dict[str, str]:
+    res = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        return {}
+    return dict(re.findall(r"(\w+)=(\S*)", res.stdout))
+
+
+def _wait(job_id: str, log: Path) -> dict[str, str]:
+    """Poll until the job is in a final state (quicker than sbatch --wait's back-off)."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    info: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        info = _job_info(job_id)
+        if info.get("JobState") in FINAL_STATES:
+            return info
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], check=False)
+    pytest.fail(f"job {job_id} not finished after {JOB_TIMEOUT}s: {info}\n{_tail(log)}")
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    if not path.exists():
+        return f"(no log {path})"
+    return f"---- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.mark.slurm
+def test_fit_then_test_on_slurm(slurm_cluster: None, tmp_path: Path) -> None:
+    env = dict(os.environ)
+    # the CLI runs in the job with this environment (sbatch's default --export=ALL)
+    env.update(
+        CONFIG=CONFIG,
+        SVDECODE=_svdecode_cmd(),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
+    )
+    for var in ("RUN_DIR", "CKPT_PATH", "EXTRA_ARGS"):
+        env.pop(var, None)
+    tag = uuid.uuid4().hex[:8]
+    logs = tmp_path / "logs"  # the #SBATCH --output dir, relative to the submit dir
+    logs.mkdir()
+
+    # fit: 2 DDP processes on the one node through srun / SLURMEnvironment
+    job_name = f"svdecode-ci-{tag}"
+    fit_id = _submit(
+        SLURM_DIR / "fit.sbatch",
+        [*CPU_SBATCH, "--ntasks-per-node=2", "--nodes=1", f"--job-name={job_name}"],
+        {**env, "EXTRA_ARGS": FIT_ARGS},
+        tmp_path,
+    )
+    fit_log = logs / f"{job_name}-{fit_id}.out"
+    info = _wait(fit_id, fit_log)
+    assert info.get("JobState") == "COMPLETED", f"fit job {fit_id}: {info}\n{_tail(fit_log)}"
+    assert info.get("ExitCode") == "0:0", info
+    run_dir = tmp_path / "runs" / job_name / fit_id
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file(), _tail(fit_log)
+    fit_text = fit_log.read_text(errors="replace")
+    assert "1 node(s) x 2 task(s)" in fit_text, _tail(fit_log)
+    # Lightning took world size and ranks from SLURM (SLURMEnvironment): 2 DDP processes
+    assert "MEMBER: 2/2" in fit_text, _tail(fit_log)
+
+    # test: one process on the finished run dir
+    test_id = _submit(
+        SLURM_DIR / "test.sbatch",
+        [*CPU_SBATCH, f"--job-name={job_name}-test"],
+        {**env, "EXTRA_ARGS": TEST_ARGS, "RUN_DIR": str(run_dir)},
+        tmp_path,
+    )
+    test_log = logs / f"{job_name}-test-{test_id}.out"
+    info = _wait(test_id, test_log)
+    assert info.get("JobState") == "COMPLETED", f"test job {test_id}: {info}\n{_tail(test_log)}"
+    results = run_dir / "results.json"
+    assert results.is_file(), _tail(test_log)
+    assert json.loads(results.read_text()), "results.json is empty"
