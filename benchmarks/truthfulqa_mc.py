@@ -101,8 +101,9 @@ def main() -> None:
     for name, run in runs.items():
         print(f"{'svdecode-pl ' + name:<22}{run['mc1']:>14.10f}{run['mc2']:>14.10f}{run['seconds']:>10.1f}")
     if reference:
-        print(f"{'lm-eval (bs 16)':<22}{reference['mc1']:>14.10f}{reference['mc2']:>14.10f}{reference['seconds']:>10.1f}")
-        print(f"|MC1 diff| {abs(reference['mc1'] - plain['mc1']):.2e}   |MC2 diff| {abs(reference['mc2'] - plain['mc2']):.2e}")
+        ref = reference
+        print(f"{'lm-eval (bs 16)':<22}{ref['mc1']:>14.10f}{ref['mc2']:>14.10f}{ref['seconds']:>10.1f}")
+        print(f"|MC1 diff| {abs(ref['mc1'] - plain['mc1']):.2e}   |MC2 diff| {abs(ref['mc2'] - plain['mc2']):.2e}")
         print(f"speed-up over lm-eval: {reference['seconds'] / plain['seconds']:.2f}x")
     print(f"static steered / plain: {runs['static']['seconds'] / plain['seconds']:.2f}x   "
           f"dynamic steered / plain: {runs['dynamic']['seconds'] / plain['seconds']:.2f}x")

@@ -25,6 +25,16 @@ def chunked_logits(head: nn.Module, hidden: torch.Tensor, chunk_tokens: int) -> 
         yield rows, head(hidden[rows]).float()
 
 
+def logits_into(head: nn.Module, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Float32 logits of (N, H) hidden states written into ``out`` (N, V): a linear head in
+    float32 writes them there directly, so a loop over chunks allocates nothing of size V
+    (fresh multi-MB tensors cost page faults on every chunk)."""
+    if isinstance(head, nn.Linear) and head.weight.dtype == hidden.dtype == out.dtype:
+        torch.mm(hidden, head.weight.t(), out=out)
+        return out if head.bias is None else out.add_(head.bias)
+    return out.copy_(head(hidden))
+
+
 def target_hidden_states(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
@@ -132,7 +142,7 @@ def score_many(
         seqs = [contexts[q][skip:] + continuations[q][a] for q, a in group]
         ids = torch.full((len(group), max(map(len, seqs))), pad_id, device=device)
         predict = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-        for row, ((q, a), seq) in enumerate(zip(group, seqs)):
+        for row, ((q, _), seq) in enumerate(zip(group, seqs)):
             ids[row, : len(seq)] = torch.tensor(seq, device=device)
             first = len(contexts[q]) - skip - 1  # the position predicting the first continuation token
             predict[row, first : len(seq) - 1] = True

@@ -101,6 +101,28 @@ def test_metrics_same_on_one_and_two_processes(tmp_path, adapter):
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if "results" in p.name) == ["results.json"]
 
 
+def test_predict_writes_each_record_once_in_input_order(tmp_path, adapter):
+    """13 questions on 2 processes: the padding sampler hands one question to both; the merged
+    predictions.jsonl has each question once, in input order, with the 1-process scores."""
+    predict = ["predict", "--model.adapter_path", str(adapter),
+               "--trainer.callbacks+=svdecode_pl.callbacks.JSONLPredictionWriter"]
+    vector = SteeringVector.load(adapter.parent / "steering")
+    records = {}
+    for run, extra, devices in (("one", [], 1), ("two", ["--trainer.strategy", "ddp"], 2)):
+        vector.save(tmp_path / run / "steering")
+        cli(tmp_path / run, *predict, *extra, devices=devices)
+        lines = (tmp_path / run / "predictions.jsonl").read_text().splitlines()
+        records[run] = [json.loads(line) for line in lines]
+        assert not [p for p in (tmp_path / run).iterdir() if ".part" in p.name or ".tmp" in p.name]
+    uids = [r["uid"] for r in records["two"]]
+    assert len(uids) == 13 and uids == sorted(set(uids))
+    assert uids == [r["uid"] for r in records["one"]]
+    for one, two in zip(records["one"], records["two"]):
+        assert one["choice"] == two["choice"]
+        for variant in ("plain", "steered"):
+            assert two["scores"][variant] == pytest.approx(one["scores"][variant], abs=1e-5)
+
+
 def test_deepspeed_zero_warm_start_matches_ddp(tmp_path):
     """Warm-start 3 steps on 2 processes under DDP, ZeRO-2 and ZeRO-3: the adapters, steering
     vectors and test metrics agree (ZeRO-3 reduces gradients in another order: rtol 1e-3)."""

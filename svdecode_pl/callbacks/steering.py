@@ -9,9 +9,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from svdecode_pl.calibration import SteeringStatistics
-from svdecode_pl.modeling import adapter_disabled
-from svdecode_pl.scoring import chunked_logits, target_hidden_states
+from svdecode_pl.calibration import SteeringStatistics, accumulate_calibration
 from svdecode_pl.steering import SteeringMode, SteeringVector
 from svdecode_pl.zero import full_output_head
 
@@ -69,19 +67,11 @@ class SteeringVectorCallback(Callback):
             self.calibration, rank=trainer.global_rank, world_size=trainer.world_size
         )
         stats = SteeringStatistics(self.mode, pl_module.vocab_size, self.confidence_threshold).to(pl_module.device)
-        chunk = pl_module.hparams.chunk_tokens
         with full_output_head(model, trainer) as head:
-            for index, batch in enumerate(loader):
-                batch = {k: v.to(pl_module.device) for k, v in batch.items()}
-                inputs = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
-                adapted, targets, _ = target_hidden_states(model, *inputs)
-                with adapter_disabled(model):
-                    base, _, _ = target_hidden_states(model, *inputs)
-                try:
-                    for rows, adapted_logits in chunked_logits(head, adapted, chunk):
-                        stats.update(adapted_logits, head(base[rows]).float(), targets[rows])
-                except ValueError as err:
-                    raise ValueError(f"calibration batch {index} of split {self.calibration!r}: {err}") from None
+            try:
+                accumulate_calibration(stats, model, loader, head, pl_module.hparams.chunk_tokens, pl_module.device)
+            except ValueError as err:
+                raise ValueError(f"{err} (split {self.calibration!r})") from None
         model.train(was_training)
         metadata = pl_module.steering_metadata()
         metadata["calibration"] = self.calibration
