@@ -16,7 +16,6 @@ Protocols:
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 from dataclasses import dataclass
@@ -25,11 +24,11 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from svdecode_pl.data.answers import ALL_LABELS, DATASET_LABELS, answer_options, canonical_dataset
 from svdecode_pl.data.records import DataFormatError
-from svdecode_pl.data.truthfulqa import collate_lm, collate_questions, mark_shared_prefix
+from svdecode_pl.data.truthfulqa import collate_questions, lm_loader, mark_shared_prefix
 from svdecode_pl.modeling import load_tokenizer, resolve_name_or_path
 
 Split = Literal["train", "validation", "test"]
@@ -371,22 +370,9 @@ class CommonsenseDataModule(LightningDataModule):
         items = [self.lm_example(example) for example in self.split(split)]
         if not items:
             raise ValueError(f"{self.source}: split {split!r} is empty (set val_size for 'validation')")
-        sampler = None
-        if shuffle:
-            sampler = DistributedSampler(items, num_replicas=world_size, rank=rank, shuffle=True,
-                                         seed=self.hparams.seed)
-        elif world_size > 1:
-            per_rank = -(-len(items) // world_size)
-            shard = items[rank::world_size]
-            shard += [dict(items[0], padding=True)] * (per_rank - len(shard))
-            items = shard
-        return DataLoader(
-            items,
-            batch_size=self.hparams.batch_size,
-            sampler=sampler,
-            num_workers=self.hparams.num_workers,
-            collate_fn=functools.partial(collate_lm, pad_id=self.tokenizer.pad_token_id),
-        )
+        hp = self.hparams
+        return lm_loader(items, hp.batch_size, self.tokenizer.pad_token_id, hp.seed, shuffle, rank, world_size,
+                         hp.num_workers)
 
     def scoring_dataloader(self, split: Split = "test") -> DataLoader:
         items = [self.scoring_item(example, uid) for uid, example in enumerate(self.split(split))]

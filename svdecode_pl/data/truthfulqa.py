@@ -47,6 +47,29 @@ def collate_lm(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
     return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
 
 
+def lm_loader(
+    items: list[dict[str, Any]], batch_size: int, pad_id: int, seed: int, shuffle: bool = False, rank: int = 0,
+    world_size: int = 1, num_workers: int = 0,
+) -> DataLoader:
+    """Loader of prompt+target sequences for warm-start and steering calibration.
+
+    ``shuffle``: a DistributedSampler seeded by ``seed`` (the order depends on seed and epoch
+    only, so a resumed run sees the batches an uninterrupted one would). Otherwise, with
+    ``world_size`` > 1, the ``rank``-th shard; every shard has the same length (ranks of a sharded
+    model must run the same number of forward passes), the shortest padded with copies flagged
+    ``padding`` whose tokens count for nothing.
+    """
+    sampler = None
+    if shuffle:
+        sampler = DistributedSampler(items, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    elif world_size > 1:
+        per_rank = -(-len(items) // world_size)
+        shard = items[rank::world_size]
+        items = shard + [dict(items[0], padding=True)] * (per_rank - len(shard))
+    return DataLoader(items, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=functools.partial(collate_lm, pad_id=pad_id))
+
+
 def mark_shared_prefix(items: list[dict[str, Any]], min_tokens: int = 8) -> list[dict[str, Any]]:
     """Store in each item how many leading context tokens all items share (the QA primer), so
     scoring encodes them once. Computed over the whole split, so every process agrees."""
@@ -217,25 +240,9 @@ class TruthfulQADataModule(LightningDataModule):
         items = [self.lm_example(q) for q in self.split(split)]
         if not items:
             raise ValueError(f"{self.source}: split {split!r} is empty (check train_fraction / val_fraction)")
-        sampler = None
-        if shuffle:
-            # the order depends on (seed, epoch) only, so a resumed run sees the batches an
-            # uninterrupted one would (Lightning calls set_epoch); sharded like DDP's sampler
-            sampler = DistributedSampler(items, num_replicas=world_size, rank=rank, shuffle=True,
-                                         seed=self.hparams.seed)
-        elif world_size > 1:
-            per_rank = -(-len(items) // world_size)
-            shard = items[rank::world_size]
-            shard += [dict(items[0], padding=True)] * (per_rank - len(shard))
-            items = shard
-        pad_id = self.tokenizer.pad_token_id
-        return DataLoader(
-            items,
-            batch_size=self.hparams.batch_size,
-            sampler=sampler,
-            num_workers=self.hparams.num_workers,
-            collate_fn=functools.partial(collate_lm, pad_id=pad_id),
-        )
+        hp = self.hparams
+        return lm_loader(items, hp.batch_size, self.tokenizer.pad_token_id, hp.seed, shuffle, rank, world_size,
+                         hp.num_workers)
 
     def scoring_dataloader(self, split: Split) -> DataLoader:
         items = mark_shared_prefix([self.scoring_item(q) for q in self.split(split)])
