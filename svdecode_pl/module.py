@@ -42,6 +42,7 @@ class SVDecodeModule(LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         chunk_tokens: int = 256,
+        score_batch_tokens: int = 2048,
         init_seed: int = 0,
     ) -> None:
         """
@@ -56,6 +57,8 @@ class SVDecodeModule(LightningModule):
             weight_decay: AdamW weight decay.
             chunk_tokens: Positions whose logits are materialised at once (memory bound at
                 large vocabularies).
+            score_batch_tokens: Padded tokens per scoring forward pass (each question with its
+                answers is one row). Small batches suit CPUs; raise it on large GPUs.
             init_seed: Seed of the adapter's initialisation: the same adapter under any
                 strategy (DDP, ZeRO-2/3) and any number of processes.
         """
@@ -171,7 +174,7 @@ class SVDecodeModule(LightningModule):
     def _score_batch(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pad_id = self.tokenizer.pad_token_id or 0
         return score_items(self.model, batch, self.steering_vector, self.hparams.chunk_tokens, pad_id, self._prefix,
-                           tokenizer=self.tokenizer)
+                           tokenizer=self.tokenizer, max_batch_tokens=self.hparams.score_batch_tokens)
 
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         for record in self._score_batch(batch):

@@ -37,10 +37,12 @@ def score_items(
     pad_id: int = 0,
     prefix: PrefixCache | None = None,
     tokenizer: Any = None,
+    max_batch_tokens: int = 2048,
 ) -> list[dict[str, Any]]:
     """Score every answer of the items, plain and steered, in shared batches; JSON-ready records.
 
-    ``prefix`` caches the context tokens all items share (``item["shared_prefix_len"]``).
+    ``prefix`` caches the context tokens all items share (``item["shared_prefix_len"]``);
+    ``max_batch_tokens`` bounds the padded size of one forward pass.
     Items of kind ``"generate"`` are decoded instead (see :func:`generate_records`, which needs
     the ``tokenizer``); a batch holds one kind or the other.
     """
@@ -52,7 +54,7 @@ def score_items(
     prefix_len = min(item.get("shared_prefix_len", 0) for item in items)
     all_scores = score_many(
         model, [item["context_ids"] for item in items], [item["continuation_ids"] for item in items],
-        steering, chunk_tokens, pad_id, prefix, prefix_len,
+        steering, chunk_tokens, pad_id, prefix, prefix_len, max_batch_tokens,
     )
     return [mc_record(item, scores) for item, scores in zip(items, all_scores)]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-from svdecode_pl.modeling import load_causal_lm, load_tokenizer, output_vocab_size
+from svdecode_pl import scoring
+from svdecode_pl.modeling import hf_model, load_causal_lm, load_tokenizer, output_vocab_size
 from svdecode_pl.scoring import score_continuations, target_hidden_states
 from svdecode_pl.steering import SteeringVector, steering_direction
 
@@ -93,3 +94,58 @@ def test_mu_zero_scores_exactly_plain():
                    SteeringVector(None, 0.0, mode="dynamic", metadata={"vocab_size": vocab})):
         scores = score_continuations(model, context, continuations, vector)
         assert torch.equal(scores.plain, scores.steered)
+
+
+PRIMER = "Q: What is the capital of France?\nA: Paris.\n\nQ: How many legs does a spider have?\nA: Eight.\n\n"
+QUESTIONS = {
+    "Q: What happens if you break a mirror?\nA:": (" Nothing happens.", " Seven years of bad luck.", " No"),
+    "Q: Is the Earth flat?\nA:": (" No, it is round.", " Yes"),
+    "Q: What color is a lemon when it is ripe and ready to eat?\nA:": (" Yellow.", " Blue.", " Green.", " Red."),
+}
+
+
+@pytest.mark.parametrize("arch", ["svdecode-tiny", "svdecode-tiny-llama"])
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "unpacked"])
+def test_shared_prefix_scoring_equals_whole_sequences(arch, adapter, attention, monkeypatch):
+    """Primer cached once, each question packed with its answers (SDPA's boolean mask, eager's
+    additive one) or one padded row per answer: all equal separate whole-sequence passes."""
+    model, tok = build(arch, adapter)
+    if attention == "eager":
+        hf_model(model).set_attn_implementation("eager")
+    if attention == "unpacked":
+        monkeypatch.setattr(scoring, "packs_rows", lambda model: False)
+    primer = tok(PRIMER)["input_ids"]
+    contexts = [primer + tok(q)["input_ids"] for q in QUESTIONS]
+    continuations = [[tok(a)["input_ids"] for a in answers] for answers in QUESTIONS.values()]
+    vocab = output_vocab_size(model)
+    vector = SteeringVector(None, 3.0, mode="dynamic", confidence_threshold=1e-4, metadata={"vocab_size": vocab})
+    # a small token budget: several batches, each question's answers in one of them
+    scores = scoring.score_many(
+        model, contexts, continuations, vector, chunk_tokens=7, prefix=scoring.PrefixCache(),
+        prefix_len=len(primer), max_batch_tokens=2 * len(contexts[2]),
+    )
+    for context, conts, got in zip(contexts, continuations, scores):
+        plain, steered = reference_scores(model, context, conts, vector)
+        torch.testing.assert_close(got.plain, plain, rtol=0, atol=5e-5)
+        torch.testing.assert_close(got.steered, steered, rtol=0, atol=5e-5)
+        if adapter != "none":  # no adapter: adapted == base, the dynamic direction is zero
+            assert not torch.equal(got.plain, got.steered)
+
+
+def test_packed_attention_mask():
+    """Context tokens see the context; an answer sees the context and itself, not other answers."""
+    segments = torch.tensor([[0, 0, 1, 1, 2, -1]])
+    mask = scoring.packed_attention_mask(segments, past_length=2, dtype=None)[0, 0]
+    assert mask.shape == (6, 8) and mask[:, :2].all()
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(mask[:, 2:], expected)
+    additive = scoring.packed_attention_mask(segments, past_length=2, dtype=torch.float32)[0, 0]
+    assert torch.equal(additive == 0, mask)

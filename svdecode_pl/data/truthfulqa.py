@@ -23,13 +23,17 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     trailing context whitespace moves to the continuation, the pair is encoded whole, and the
     continuation is what follows the separately encoded context. The tokenizer's own special
     tokens are kept (a BOS for Llama 3, none for Qwen2), as lm-eval keeps them."""
+    context_ids, (continuation_ids,) = encode_pairs(tokenizer, context, [continuation])
+    return context_ids, continuation_ids
+
+
+def encode_pairs(tokenizer, context: str, continuations: list[str]) -> tuple[list[int], list[list[int]]]:
+    """:func:`encode_pair` for many continuations of one context, in one batched tokenizer call."""
     stripped = context.rstrip()
-    if len(stripped) < len(context):
-        continuation = context[len(stripped) :] + continuation
-        context = stripped
-    context_ids = tokenizer(context)["input_ids"]
-    whole = tokenizer(context + continuation)["input_ids"]
-    return context_ids, whole[len(context_ids) :]
+    moved = context[len(stripped) :]
+    encoded = tokenizer([stripped] + [stripped + moved + c for c in continuations])["input_ids"]
+    context_ids = encoded[0]
+    return context_ids, [whole[len(context_ids) :] for whole in encoded[1:]]
 
 
 def collate_lm(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -116,7 +120,7 @@ class TruthfulQADataModule(LightningDataModule):
         primer: bool = True,
         limit: int | None = None,
         batch_size: int = 8,
-        eval_batch_size: int = 8,
+        eval_batch_size: int = 16,
         num_workers: int = 0,
     ) -> None:
         """
@@ -133,7 +137,8 @@ class TruthfulQADataModule(LightningDataModule):
             primer: Put the six-pair QA primer of the MC protocol before each question.
             limit: Use only the first ``limit`` questions (after loading, before splitting).
             batch_size: Warm-start and calibration batch size (sequences).
-            eval_batch_size: Test and predict batch size (questions).
+            eval_batch_size: Test and predict batch size (questions; each question is scored as one
+                row with all its answers packed after it).
             num_workers: DataLoader workers.
         """
         super().__init__()
@@ -203,11 +208,7 @@ class TruthfulQADataModule(LightningDataModule):
     def scoring_item(self, question: MCQuestion) -> dict[str, Any]:
         """One question with its shared context and every distinct answer's continuation."""
         answers = question.answers
-        context = None
-        continuations = []
-        for answer in answers:
-            context, continuation = encode_pair(self.tokenizer, self.prompt(question), " " + answer)
-            continuations.append(continuation)
+        context, continuations = encode_pairs(self.tokenizer, self.prompt(question), [" " + a for a in answers])
         index = {a: i for i, a in enumerate(answers)}
         return {
             "kind": "truthfulqa_mc",
