@@ -42,7 +42,7 @@ class SVDecodeModule(LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         chunk_tokens: int = 256,
-        score_batch_tokens: int = 2048,
+        score_batch_tokens: int = 0,
         init_seed: int = 0,
     ) -> None:
         """
@@ -57,8 +57,10 @@ class SVDecodeModule(LightningModule):
             weight_decay: AdamW weight decay.
             chunk_tokens: Positions whose logits are materialised at once (memory bound at
                 large vocabularies).
-            score_batch_tokens: Padded tokens per scoring forward pass (each question with its
-                answers is one row). Small batches suit CPUs; raise it on large GPUs.
+            score_batch_tokens: 0: one question (with all its answers, one row) per scoring
+                forward pass, so scores do not depend on which questions share a batch and 1 and N
+                processes agree bit for bit. N > 0: questions batched up to N padded tokens
+                (faster on large GPUs; float32 rounding then varies with the batch, ~1e-8).
             init_seed: Seed of the adapter's initialisation: the same adapter under any
                 strategy (DDP, ZeRO-2/3) and any number of processes.
         """

@@ -185,7 +185,7 @@ def score_many(
     pad_id: int = 0,
     prefix: PrefixCache | None = None,
     prefix_len: int = 0,
-    max_batch_tokens: int = 2048,
+    max_batch_tokens: int = 0,
 ) -> list[TokenScores]:
     """Sum of token log-probabilities of every continuation of every context.
 
@@ -193,7 +193,8 @@ def score_many(
     primer), are encoded once per model state and every row attends to their cached keys and
     values. Each context is then packed with all its continuations into one row (see
     :class:`PackedRows`), so it is encoded once too; rows are sorted by length and batched up to
-    ``max_batch_tokens`` padded tokens. Attention implementations that take no custom mask
+    ``max_batch_tokens`` padded tokens (0: one context per pass, so a score does not depend on
+    which contexts share the call). Attention implementations that take no custom mask
     (e.g. flash attention) run one right-padded row per (context, continuation) pair instead.
     """
     if any(len(c) == 0 for conts in continuations for c in conts):

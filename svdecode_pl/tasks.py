@@ -37,7 +37,7 @@ def score_items(
     pad_id: int = 0,
     prefix: PrefixCache | None = None,
     tokenizer: Any = None,
-    max_batch_tokens: int = 2048,
+    max_batch_tokens: int = 0,
 ) -> list[dict[str, Any]]:
     """Score every answer of the items, plain and steered, in shared batches; JSON-ready records.
 
