@@ -43,7 +43,7 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "truthfulqa" / "mc_task.json"
 
 
 def ours(model: torch.nn.Module, model_dir: str, data: Path, limit: int | None, vector: SteeringVector | None,
-         batch: int | None) -> dict:
+         batch: int | None, batch_tokens: int = 0) -> dict:
     """Data preparation + scoring of every question, as `svdecode test` does it (its loader, its
     batch size unless ``batch`` is given)."""
     start = time.perf_counter()
@@ -53,7 +53,8 @@ def ours(model: torch.nn.Module, model_dir: str, data: Path, limit: int | None, 
     prefix, records = PrefixCache(), []
     with torch.inference_mode():
         for items in dm.scoring_dataloader("test"):
-            records += score_items(model, items, vector, 256, dm.tokenizer.pad_token_id, prefix)
+            records += score_items(model, items, vector, 256, dm.tokenizer.pad_token_id, prefix,
+                                   max_batch_tokens=batch_tokens)
     seconds = time.perf_counter() - start
     variant = "plain" if vector is None else "steered"
     mean = lambda name: sum(r["metrics"][variant][name] for r in records) / len(records)  # noqa: E731
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None, help="questions per batch (default: the data module's)")
     parser.add_argument("--embedding-std", type=float, default=0.06, help="std of the tiny model's embeddings")
+    parser.add_argument("--score-batch-tokens", type=int, default=0,
+                        help="padded tokens per forward (0, the default: one question per forward)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of our three variants (fastest counts)")
     parser.add_argument("--lm-eval-python", default=os.environ.get("LM_EVAL_PYTHON", "/tmp/lmeval/venv/bin/python"))
     args = parser.parse_args()
@@ -109,7 +112,7 @@ def main() -> None:
         runs: dict[str, dict] = {}
         for _ in range(args.repeats):
             for variant, vector in vectors.items():
-                run = ours(model, model_dir, args.data, args.limit, vector, args.batch)
+                run = ours(model, model_dir, args.data, args.limit, vector, args.batch, args.score_batch_tokens)
                 if variant not in runs or run["seconds"] < runs[variant]["seconds"]:
                     runs[variant] = run
         reference = None
