@@ -122,6 +122,11 @@ class TokenScores:
     steered: torch.Tensor | None
     grid: torch.Tensor | None = None
 
+    def select(self, index: torch.Tensor) -> TokenScores:
+        """The scores at ``index`` (e.g. a shared target's score once for each continuation)."""
+        return TokenScores(self.plain[index], None if self.steered is None else self.steered[index],
+                           None if self.grid is None else self.grid[:, index])
+
 
 def score_tokens(
     head: nn.Module,
@@ -250,10 +255,12 @@ def segment_attention(
     share the row (the linear layers compute each row of a matrix product alike whatever the
     other rows); padding after the last segment gets zeros."""
     layout = _LAYOUT.get()
-    if layout.implementation == "sdpa":
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as attend
-    else:
+    if layout.implementation != "sdpa":
         attend = sys.modules[type(module).__module__].eager_attention_forward
+    elif kwargs.get("softcap") is None and kwargs.get("position_bias") is None:
+        attend = grouped_sdpa
+    else:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward as attend
     outputs = []
     for segment in layout.segments:
         span = slice(segment.start, segment.stop)
@@ -266,6 +273,21 @@ def segment_attention(
     if padding:
         outputs.append(outputs[-1].new_zeros(1, padding, *outputs[-1].shape[2:]))
     return torch.cat(outputs, dim=1), None
+
+
+def grouped_sdpa(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor,
+    dropout: float = 0.0, scaling: float | None = None, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention for one segment, with its additive mask and the grouped key/value
+    heads read in place (``enable_gqa``): transformers copies them once per query head group
+    whenever there is a mask, which with the boolean-to-additive conversion doubled the time of
+    attention on CPU."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
 
 
 @contextlib.contextmanager
@@ -317,16 +339,16 @@ def score_segments(
     device = next(model.parameters()).device
     inner = hf_model(model)
     implementation = inner.config._attn_implementation
-    mask_dtype = None if implementation == "sdpa" else inner.dtype
+    mask_dtype = inner.dtype  # additive: SDPA turns a boolean mask into one on every call
     head = inner.get_output_embeddings()
-    rows = [(context[prefix_len:], conts) for context, conts in zip(contexts, continuations)]
-    lengths = [len(context) + sum(map(len, conts)) for context, conts in rows]
+    rows = [(context[prefix_len:], continuation_trie(conts)) for context, conts in zip(contexts, continuations)]
+    lengths = [len(context) + len(trie.tokens) for context, trie in rows]
     sums = PairSums(continuations, steering, mu_grid)
 
     def hidden_of(packed: PackedRows, bounds: list[tuple[int, int]], state: str) -> torch.Tensor:
         cached = None if prefix is None else prefix.key_values(model, contexts[0][:prefix_len], state, device)
         past = 0 if cached is None else cached[0][0].shape[-2]
-        segments = [Segment(start, stop, packed_attention_mask(packed.segments[:, start:stop], past, mask_dtype))
+        segments = [Segment(start, stop, packed_attention_mask(packed.ends[:, start:stop] - start, past, mask_dtype))
                     for start, stop in bounds]
         layout = SegmentLayout(segments, cached, implementation)
         with timed("forward passes", packed.ids.numel()), segment_attention_active(model, layout):
@@ -350,77 +372,131 @@ def score_segments(
                 base = hidden_of(packed, bounds, "base")
         scores = score_tokens(head, adapted, packed.targets, steering, base, chunk_tokens, mu_grid)
         pairs = [(q, a) for q in group for a in range(len(continuations[q]))]
-        sums.add(scores, packed.owner, pairs)
+        sums.add(scores.select(packed.expand), packed.owner, pairs)
     return sums.results()
 
 
 @dataclass
-class PackedRows:
-    """One row per context: the context's tokens, then each continuation, all in one sequence.
+class ContinuationTrie:
+    """The distinct prefixes of a context's continuations: continuations that start alike share
+    their leading tokens. Nodes that have children are fed to the model, in depth-first order
+    (a node's descendants follow it, up to ``ends``); every node is a target, predicted by its
+    parent (the context's last token for a first token)."""
 
-    A custom attention mask lets every continuation see the context and its own earlier tokens
-    only, and each continuation's positions restart where the context ends, so the row computes
-    exactly what separate (context + continuation) sequences would, with the context encoded once
-    and no padding between continuations.
+    tokens: list[int]  # fed nodes: token
+    depths: list[int]  # fed nodes: 1 for a first continuation token
+    ends: list[int]  # fed nodes: the fed index after its descendants
+    sources: list[int]  # targets: the fed index of the node predicting it, -1 for the context's last token
+    targets: list[int]  # targets: token
+    paths: list[list[int]]  # per continuation, the target index of each of its tokens
+
+
+def continuation_trie(continuations: list[list[int]]) -> ContinuationTrie:
+    """Build the :class:`ContinuationTrie` of one context's continuations.
+
+    >>> trie = continuation_trie([[5, 6, 7], [5, 6, 8], [9]])
+    >>> trie.tokens, trie.depths, trie.ends  # 5 and 6 are fed once, the leaves 7, 8, 9 not at all
+    ([5, 6], [1, 2], [2, 2])
+    >>> trie.sources, trie.targets, trie.paths
+    ([-1, 0, 1, 1, -1], [5, 6, 7, 8, 9], [[0, 1, 2], [0, 1, 3], [4]])
+    """
+    children: list[dict[int, int]] = [{}]  # node 0: the context's last token
+    parents, tokens, paths = [-1], [-1], []
+    for continuation in continuations:
+        node, path = 0, []
+        for token in continuation:
+            child = children[node].get(token)
+            if child is None:
+                child = len(tokens)
+                children[node][token] = child
+                children.append({})
+                parents.append(node)
+                tokens.append(token)
+            path.append(child - 1)
+            node = child
+        paths.append(path)
+    trie = ContinuationTrie([], [], [], [], tokens[1:], paths)
+    fed = {0: -1}
+    stack = [(child, 1, False) for child in reversed(children[0].values())]
+    while stack:
+        node, depth, done = stack.pop()
+        if done:
+            trie.ends[fed[node]] = len(trie.tokens)
+        elif children[node]:
+            fed[node] = len(trie.tokens)
+            trie.tokens.append(tokens[node])
+            trie.depths.append(depth)
+            trie.ends.append(-1)
+            stack.append((node, depth, True))
+            stack.extend((child, depth + 1, False) for child in reversed(children[node].values()))
+    trie.sources = [fed[parents[node]] for node in range(1, len(tokens))]
+    return trie
+
+
+@dataclass
+class PackedRows:
+    """One row per context: the context's tokens, then the :class:`ContinuationTrie` of its
+    continuations, all in one sequence.
+
+    A custom attention mask lets a trie token see the context and its own ancestors only, and
+    positions continue from the context along each path, so the row computes exactly what
+    separate (context + continuation) sequences would, with the context and each distinct
+    continuation prefix encoded once, no padding between continuations, and the output head and
+    log-softmax applied once per distinct (prefix, next token).
     """
 
     ids: torch.Tensor  # (B, L) token ids, right-padded
     positions: torch.Tensor  # (B, L) position of each token after the context start
-    segments: torch.Tensor  # (B, L) 0 = context, k + 1 = continuation k, -1 = padding
-    source: tuple[torch.Tensor, torch.Tensor]  # (row, column) of the state predicting each target
-    targets: torch.Tensor  # (N,) the continuation tokens
-    owner: torch.Tensor  # (N,) index of the (context, continuation) pair each target belongs to
+    ends: torch.Tensor  # (B, L) the column after each token's descendants: [j, ends[j]) attend to j
+    source: tuple[torch.Tensor, torch.Tensor]  # (row, column) of the state predicting each distinct target
+    targets: torch.Tensor  # (N,) the distinct targets' tokens
+    expand: torch.Tensor  # (T,) the distinct target of each continuation token, continuation after continuation
+    owner: torch.Tensor  # (T,) index of the (context, continuation) pair each continuation token belongs to
 
 
 def pack_rows(
-    contexts: list[list[int]], continuations: list[list[list[int]]], pad_id: int, device, concatenate: bool = False,
+    contexts: list[list[int]], tries: list[ContinuationTrie], pad_id: int, device, concatenate: bool = False,
     min_length: int = 0,
 ) -> PackedRows:
-    """Pack each context with all its continuations into one row (see :class:`PackedRows`), or,
-    with ``concatenate``, all of them one after the other into a single row; rows are
+    """Pack each context with the trie of its continuations into one row (see :class:`PackedRows`),
+    or, with ``concatenate``, all of them one after the other into a single row; rows are
     right-padded to the longest, and to at least ``min_length`` tokens."""
-    rows: list[tuple[list[int], list[int], list[int]]] = []  # (ids, positions, segments) of each row
-    source_rows, source_columns, targets, owner = [], [], [], []
+    rows: list[tuple[list[int], list[int], list[int]]] = []  # (ids, positions, ends) of each row
+    source_rows, source_columns, targets, expand, owner = [], [], [], [], []
     pair = 0
-    for context, conts in zip(contexts, continuations):
+    for context, trie in zip(contexts, tries):
         if not concatenate or not rows:
             rows.append(([], [], []))
-        ids, positions, segments = rows[-1]
-        row, offset = len(rows) - 1, len(ids)
-        ids += context
-        positions += range(len(context))
-        segments += [0] * len(context)
-        for k, cont in enumerate(conts):
-            at = len(ids)
-            ids += cont
-            positions += range(len(context), len(context) + len(cont))
-            segments += [k + 1] * len(cont)
-            # token 0 is predicted by the context's last state, token j by continuation token j - 1
-            source_columns += [offset + len(context) - 1, *range(at, at + len(cont) - 1)]
-            source_rows += [row] * len(cont)
-            targets += cont
-            owner += [pair] * len(cont)
+        ids, positions, ends = rows[-1]
+        row = len(rows) - 1
+        first = len(ids) + len(context)  # the column of the first trie token
+        ids += context + trie.tokens
+        positions += [*range(len(context)), *(len(context) + depth - 1 for depth in trie.depths)]
+        ends += [first + len(trie.tokens)] * len(context) + [first + end for end in trie.ends]
+        source_columns += [first - 1 if source < 0 else first + source for source in trie.sources]
+        source_rows += [row] * len(trie.targets)
+        for path in trie.paths:
+            expand += [len(targets) + target for target in path]
+            owner += [pair] * len(path)
             pair += 1
+        targets += trie.targets
     length = max(min_length, *(len(ids) for ids, _, _ in rows))
-    padded = lambda values, fill: [row + [fill] * (length - len(row)) for row in values]  # noqa: E731
     as_tensor = lambda values: torch.tensor(values, dtype=torch.long).to(device)  # noqa: E731
     return PackedRows(
-        as_tensor(padded([r[0] for r in rows], pad_id)), as_tensor(padded([r[1] for r in rows], 0)),
-        as_tensor(padded([r[2] for r in rows], -1)), (as_tensor(source_rows), as_tensor(source_columns)),
-        as_tensor(targets), as_tensor(owner),
+        as_tensor([ids + [pad_id] * (length - len(ids)) for ids, _, _ in rows]),
+        as_tensor([positions + [0] * (length - len(positions)) for _, positions, _ in rows]),
+        as_tensor([ends + list(range(len(ends) + 1, length + 1)) for _, _, ends in rows]),
+        (as_tensor(source_rows), as_tensor(source_columns)), as_tensor(targets), as_tensor(expand), as_tensor(owner),
     )
 
 
-def packed_attention_mask(segments: torch.Tensor, past_length: int, dtype: torch.dtype | None) -> torch.Tensor:
-    """(B, 1, L, past + L) mask: all tokens see the cached prefix; a token sees earlier tokens of
-    the context and of its own continuation. Padding sees itself (no empty softmax rows).
+def packed_attention_mask(ends: torch.Tensor, past_length: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """(B, 1, L, past + L) mask from the ``ends`` of :class:`PackedRows`: every token sees the
+    cached prefix; token i sees token j if j <= i < ends[j] (the context, its own ancestors, itself).
     ``dtype=None`` gives a boolean mask (SDPA), a float dtype an additive one (eager attention)."""
-    length = segments.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
-    query, key = segments[:, :, None], segments[:, None, :]
-    allowed = causal & ((key == 0) | (key == query)) & (query >= 0)
-    allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
-    past = torch.ones(*allowed.shape[:2], past_length, dtype=torch.bool, device=segments.device)
+    index = torch.arange(ends.shape[1], device=ends.device)
+    allowed = (index[None, None, :] <= index[None, :, None]) & (index[None, :, None] < ends[:, None, :])
+    past = torch.ones(*allowed.shape[:2], past_length, dtype=torch.bool, device=ends.device)
     mask = torch.cat([past, allowed], dim=-1)[:, None]
     if dtype is None:
         return mask
@@ -498,7 +574,9 @@ def score_packed(
     inner = hf_model(model)
     mask_dtype = None if inner.config._attn_implementation == "sdpa" else inner.dtype
     head = inner.get_output_embeddings()
-    order = sorted(range(len(contexts)), key=lambda q: len(contexts[q]) + sum(map(len, continuations[q])))
+    tries = [continuation_trie(conts) for conts in continuations]
+    length = lambda q: len(contexts[q]) + len(tries[q].tokens)  # noqa: E731
+    order = sorted(range(len(contexts)), key=length)
     sums = PairSums(continuations, steering, mu_grid)
 
     def hidden_of(rows: PackedRows, state: str) -> torch.Tensor:
@@ -509,15 +587,14 @@ def score_packed(
             past = cache.get_seq_length()
         with timed("forward passes", rows.ids.numel()), hidden_states_as_logits(model):
             out = inner(
-                input_ids=rows.ids, attention_mask=packed_attention_mask(rows.segments, past, mask_dtype),
+                input_ids=rows.ids, attention_mask=packed_attention_mask(rows.ends, past, mask_dtype),
                 position_ids=rows.positions + past, past_key_values=cache, use_cache=cache is not None,
             ).logits
         return out[rows.source]
 
-    for group in length_batches(order, lambda q: len(contexts[q]) + sum(map(len, continuations[q])), max_batch_tokens):
+    for group in length_batches(order, length, max_batch_tokens):
         with timed("packing"):
-            rows = pack_rows([contexts[q][prefix_len:] for q in group], [continuations[q] for q in group], pad_id,
-                             device)
+            rows = pack_rows([contexts[q][prefix_len:] for q in group], [tries[q] for q in group], pad_id, device)
         adapted = hidden_of(rows, "adapted")
         base = None
         if steering is not None and steering.needs_base_logits:
@@ -525,7 +602,7 @@ def score_packed(
                 base = hidden_of(rows, "base")
         scores = score_tokens(head, adapted, rows.targets, steering, base, chunk_tokens, mu_grid)
         pairs = [(q, a) for q in group for a in range(len(continuations[q]))]
-        sums.add(scores, rows.owner, pairs)
+        sums.add(scores.select(rows.expand), rows.owner, pairs)
     return sums.results()
 
 

@@ -197,8 +197,8 @@ def test_matrix_product_rows_do_not_depend_on_the_other_rows():
 
 def test_packed_attention_mask():
     """Context tokens see the context; an answer sees the context and itself, not other answers."""
-    segments = torch.tensor([[0, 0, 1, 1, 2, -1]])
-    mask = scoring.packed_attention_mask(segments, past_length=2, dtype=None)[0, 0]
+    ends = torch.tensor([[5, 5, 4, 4, 5, 6]])  # context 2 tokens, answers of 2 and 1 tokens, padding
+    mask = scoring.packed_attention_mask(ends, past_length=2, dtype=None)[0, 0]
     assert mask.shape == (6, 8) and mask[:, :2].all()
     expected = torch.tensor([
         [1, 0, 0, 0, 0, 0],
@@ -209,5 +209,30 @@ def test_packed_attention_mask():
         [0, 0, 0, 0, 0, 1],
     ], dtype=torch.bool)
     assert torch.equal(mask[:, 2:], expected)
-    additive = scoring.packed_attention_mask(segments, past_length=2, dtype=torch.float32)[0, 0]
+    additive = scoring.packed_attention_mask(ends, past_length=2, dtype=torch.float32)[0, 0]
     assert torch.equal(additive == 0, mask)
+
+
+def test_continuation_trie_rows():
+    """Answers that start alike share their leading tokens in the packed row: each distinct prefix
+    is fed once, a token sees the context and its own ancestors only, and every answer token is
+    predicted by the state of its own prefix."""
+    contexts = [[1, 2], [3]]
+    answers = [[[5, 6, 7], [5, 6, 8], [5, 9], [4]], [[6], [6, 7]]]
+    tries = [scoring.continuation_trie(a) for a in answers]
+    rows = scoring.pack_rows(contexts, tries, pad_id=0, device="cpu", concatenate=True, min_length=10)
+    # question 0: context 1 2, trie 5 (depth 1) 6 (depth 2); question 1: context 3, trie 6; padding
+    assert rows.ids.tolist() == [[1, 2, 5, 6, 3, 6, 0, 0, 0, 0]]
+    assert rows.positions.tolist() == [[0, 1, 2, 3, 0, 1, 0, 0, 0, 0]]
+    assert rows.ends.tolist() == [[4, 4, 4, 4, 6, 6, 7, 8, 9, 10]]
+    predicted_by = dict(zip(zip(rows.source[1].tolist(), rows.targets.tolist()), range(len(rows.targets))))
+    # every answer token, in order: (column of the state predicting it, the token)
+    expected = [[(1, 5), (2, 6), (3, 7)], [(1, 5), (2, 6), (3, 8)], [(1, 5), (2, 9)], [(1, 4)], [(4, 6)],
+                [(4, 6), (5, 7)]]
+    flat = [predicted_by[pair] for answer in expected for pair in answer]
+    assert rows.expand.tolist() == flat
+    assert rows.owner.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 5, 5]
+    assert len(rows.targets) == 8  # 5 6 7 8 9 4 | 6 7: shared prefixes once
+    mask = scoring.packed_attention_mask(rows.ends[:, :4], past_length=0, dtype=None)[0, 0]
+    assert mask.tolist() == [[True, False, False, False], [True, True, False, False],
+                             [True, True, True, False], [True, True, True, True]]
