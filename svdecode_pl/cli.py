@@ -11,6 +11,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from svdecode_pl.allocator import keep_freed_memory
 from svdecode_pl.callbacks.progress import PhaseProgressBar
 from svdecode_pl.callbacks.steering import SteeringVectorCallback
 from svdecode_pl.data.base import TaskDataModule
@@ -135,6 +136,7 @@ def main(args: list[str] | None = None) -> None:
             sys.argv[1:] = argv
     if any(arg in ("-h", "--help") for arg in argv):
         print(DEBUG_HELP)
+    keep_freed_memory()
     try:
         run_cli(None if args is None else argv)
     except Exception as error:
