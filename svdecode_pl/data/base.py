@@ -54,6 +54,17 @@ def seeded_splits(items: Sequence[Any], seed: int, train_fraction: float, val_fr
     }
 
 
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """``tokenizer(texts)["input_ids"]``; for a fast tokenizer straight from its Rust backend
+    (the same call transformers makes, without building attention masks and encodings objects,
+    which was half the tokenization time of TruthfulQA MC)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if (backend is None or not hasattr(backend, "encode_batch_fast") or backend.truncation or backend.padding
+            or backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False))):
+        return tokenizer(texts)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=True)]
+
+
 def encode_pairs(tokenizer, context: str, continuations: list[str]) -> tuple[list[int], list[list[int]]]:
     """Token ids of a context and its continuations, split as lm-evaluation-harness does: trailing
     context whitespace moves to the continuation, each pair is encoded whole (one batched call),
@@ -61,7 +72,7 @@ def encode_pairs(tokenizer, context: str, continuations: list[str]) -> tuple[lis
     tokens are kept (a BOS for Llama 3, none for Qwen2), as lm-eval keeps them."""
     stripped = context.rstrip()
     moved = context[len(stripped) :]
-    encoded = tokenizer([stripped] + [stripped + moved + c for c in continuations])["input_ids"]
+    encoded = token_ids(tokenizer, [stripped] + [stripped + moved + c for c in continuations])
     context_ids = encoded[0]
     return context_ids, [whole[len(context_ids) :] for whole in encoded[1:]]
 
