@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
+from svdecode_pl.allocator import keep_freed_memory
 from svdecode_pl.data.truthfulqa import TruthfulQADataModule
 from svdecode_pl.modeling import load_causal_lm
-from svdecode_pl.allocator import keep_freed_memory
 from svdecode_pl.scoring import PrefixCache, continuation_trie, profiling
 from svdecode_pl.tasks import score_items
 from svdecode_pl.tiny import TINY_MODELS, build_tiny_model
