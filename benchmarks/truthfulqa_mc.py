@@ -10,12 +10,16 @@ questions of ../shared/data/truthfulqa/mc_task.json:
    `svdecode test` runs it, split into the primer cache, packing, the forward passes, the output
    head, the log-softmax and the Python rest (``svdecode_pl.scoring.profiling``).
 2. Tokens fed to the model: ours (padding included), lm-eval's (counted in its ``_model_call``,
-   padding included) and the two limits of the issue (question-level shared prefix; primer cached
-   once).
+   padding included) and the limits (one row per answer; question-level shared prefix; primer
+   cached once; answers as a trie, which is what the default feeds).
 3. Whole runs, alternating, fastest of ``--repeats``: a ``svdecode test`` process, from its start to
    its ``results.json``, against an lm-eval process (``truthfulqa_mc1`` + ``truthfulqa_mc2``,
    batch size 16, benchmarks/lm_eval_reference.py) from start to exit, on the same model and data;
    MC1 must be identical and MC2 within 1e-6.
+4. The floor of a whole run on this machine: the start-up of ``import svdecode_pl.cli`` in a fresh
+   process, plus the tokenization, plus the model's linear layers alone on the tokens we feed (each
+   timed on 2,048 rows, scaled): no exact scoring of those tokens can beat it, so lm-eval's time
+   over it bounds the ratio any implementation here could show.
 
 The tiny model's embeddings are drawn with std 0.06 (``--embedding-std``), not the tests' 0.25:
 lm-eval's MC2 sums exp(loglikelihood) in float64 without subtracting the maximum, so it is NaN for
@@ -66,6 +70,8 @@ def profile_ours(model_dir: str, data: Path, limit: int | None, device: str, bat
                                    max_batch_tokens=batch_tokens)
     scoring = time.perf_counter() - start
     items = list(loader.dataset)
+    targets = sum(len(continuation_trie(item.continuation_ids).targets) for item in items)
+    floor = linear_floor(model, profile.tokens, targets, device)
     primer = items[0].shared_prefix_len
     # lm-eval's requests: every (context, answer) pair of both tasks, fed as (context + answer)[:-1]
     per_answer = sum(
@@ -86,9 +92,48 @@ def profile_ours(model_dir: str, data: Path, limit: int | None, device: str, bat
         "tokens_per_question": per_question,
         "tokens_primer_once": per_question - primer * (len(items) - 1),
         "tokens_trie": trie + primer,
+        "linear_floor": floor,
         "mc1": sum(r.metrics["plain"]["mc1"] for r in records) / len(records),
         "mc2": sum(r.metrics["plain"]["mc2"] for r in records) / len(records),
     }
+
+
+def linear_floor(model: torch.nn.Module, tokens: int, targets: int, device: str, rows: int = 2048) -> float:
+    """Seconds the model's matrix products alone take for ``tokens`` fed tokens (and the output
+    head for ``targets`` rows) on this machine: each linear layer timed on a ``rows``-token input,
+    fastest of 5, scaled. Every fed token must pass through every layer for exact scores, so no
+    scoring of these tokens can be faster than this."""
+    head = model.get_output_embeddings()
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+    def fastest(layer: torch.nn.Linear, n: int) -> float:
+        x = torch.randn(n, layer.in_features, device=device, dtype=layer.weight.dtype)
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(6):
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                layer(x)
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    per_pass = sum(fastest(layer, rows) for layer in layers)
+    return per_pass * tokens / rows + fastest(head, rows) * targets / rows
+
+
+def import_seconds(repeats: int = 3) -> float:
+    """Wall time of ``import svdecode_pl.cli`` (Lightning, torch, transformers, PEFT) in a fresh
+    process, fastest of ``repeats``: the start-up every ``svdecode`` run pays."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import svdecode_pl.cli"], check=True, env=env, capture_output=True)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def run_ours(
@@ -211,6 +256,12 @@ def main() -> None:
                 summary.append((name, ratio, mc1_same, mc2_diff))
             else:
                 print()
+            start_up = import_seconds()
+            floor = start_up + prof["tokenization"] + prof["linear_floor"]
+            print(f"floor of a whole run here: start-up (import svdecode_pl.cli, fastest of 3) {start_up:.1f} s"
+                  f" + tokenization {prof['tokenization']:.1f} s + the linear layers alone on our tokens"
+                  f" {prof['linear_floor']:.1f} s = {floor:.1f} s", end="")
+            print(f"; so at most {reference['process_seconds'] / floor:.2f}x lm-eval's run" if reference else "")
     if summary:
         print("\nsummary: " + "; ".join(f"{name} {ratio:.2f}x (MC1 identical {same}, MC2 diff {diff:.1e})"
                                         for name, ratio, same, diff in summary))
