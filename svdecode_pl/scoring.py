@@ -332,7 +332,7 @@ def score_segments(
     pack_tokens: int,
     mu_grid: list[float] | None = None,
 ) -> list[TokenScores]:
-    """:func:`score_many` with several contexts, each with all its continuations, packed one after
+    """:func:`score_many` with several contexts, each with the trie of its continuations, packed one after
     the other in one row of up to ``pack_tokens`` tokens, each segment attending to itself only
     (:func:`segment_attention`): few, large matrix products, no padding, and every score the same
     whatever the packing, so 1 and N processes agree bit for bit."""
@@ -533,8 +533,8 @@ def score_many(
 
     With a ``prefix`` cache, the first ``prefix_len`` tokens, which all contexts share (the QA
     primer), are encoded once per model state and every context attends to their cached keys
-    and values. Each context is encoded once, followed by all its continuations (see
-    :class:`PackedRows`). By default (``max_batch_tokens`` 0) contexts are packed one after the
+    and values. Each context is encoded once, followed by its continuations as a trie (shared
+    leading tokens once; see :class:`PackedRows`). By default (``max_batch_tokens`` 0) contexts are packed one after the
     other into rows of up to ``pack_tokens`` tokens, each attending to itself only
     (:func:`score_segments`), so a score does not depend on which contexts share a pass;
     ``max_batch_tokens`` > 0 batches length-sorted rows up to that many padded tokens instead
