@@ -236,3 +236,24 @@ def test_continuation_trie_rows():
     mask = scoring.packed_attention_mask(rows.ends[:, :4], past_length=0, dtype=None)[0, 0]
     assert mask.tolist() == [[True, False, False, False], [True, True, False, False],
                              [True, True, True, False], [True, True, True, True]]
+
+
+@pytest.mark.parametrize("arch", ["svdecode-tiny", "svdecode-tiny-llama"])
+@pytest.mark.parametrize("max_batch_tokens", [0, 4096])
+def test_answers_sharing_prefixes_equal_whole_sequences(arch, max_batch_tokens):
+    """The trie: answers that share leading tokens, an answer that is a prefix of another, the same
+    answer twice and one-token answers all score as their own (context + answer) sequences, plain
+    and with dynamic steering (whose base pass goes through the same trie)."""
+    model, tok = build(arch, "lora")
+    context = tok("Q: What happens if you break a mirror?\nA:")["input_ids"]
+    a, b, c = (tok(text)["input_ids"] for text in (" Nothing happens", " at all.", " You will"))
+    continuations = [a + b, a, c, a[:1] + c, a + b, c[:1], a[:1]]
+    vector = SteeringVector(None, 3.0, mode="dynamic", confidence_threshold=1e-4,
+                            metadata={"vocab_size": output_vocab_size(model)})
+    scores = scoring.score_many(model, [context, context[:-1]], [continuations, continuations[::-1]], vector,
+                                chunk_tokens=5, max_batch_tokens=max_batch_tokens)
+    for got, ctx, conts in zip(scores, [context, context[:-1]], [continuations, continuations[::-1]]):
+        plain, steered = reference_scores(model, ctx, conts, vector)
+        torch.testing.assert_close(got.plain, plain, rtol=0, atol=5e-5)
+        torch.testing.assert_close(got.steered, steered, rtol=0, atol=5e-5)
+    assert scores[0].plain[0] == scores[0].plain[4]  # the same answer twice: the same positions
