@@ -15,7 +15,7 @@ from torch import nn
 
 from svdecode_pl.adapters import load_checked_adapter
 from svdecode_pl.errors import OptionError
-from svdecode_pl.items import VARIANTS, EvalItem, Record
+from svdecode_pl.items import VARIANTS, Record
 from svdecode_pl.metrics import QuestionTable
 from svdecode_pl.modeling import DType, load_causal_lm, load_tokenizer, output_vocab_size, tokenizer_fingerprint
 from svdecode_pl.results import format_table, mu_curve, results_payload, table_metrics, write_results
@@ -195,14 +195,6 @@ class SVDecodeModule(LightningModule):
         """Records of a batch of evaluation items, plain and steered (then e.g. judged)."""
         records = self._evaluator.evaluate(batch)
         return self.datamodule.finish_records(records, self.device)
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Evaluation items hold token ids as lists (scoring builds its tensors on the model's
-        device): Lightning's walk through every field and list of a batch cost 2 s per TruthfulQA
-        run for nothing."""
-        if isinstance(batch, list) and all(isinstance(item, EvalItem) for item in batch):
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_predict_start(self) -> None:
         self._start_evaluation()

@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 from conftest import mc_records, real_data
 
 from svdecode_pl.data import DataFormatError, TruthfulQADataModule
@@ -126,3 +127,20 @@ def test_real_truthfulqa_files_agree():
     assert all(q.mc1_labels[0] == 1 for q in mc)
     # the CSV's questions are the same set as the MC task's
     assert len({q.question for q in mc} & {q.question for q in table}) > 780
+
+
+def test_token_ids_match_the_tokenizer_and_items_skip_the_device_walk(mc_task_file):
+    """Fast tokenizers encode through their Rust backend: the same ids as ``tokenizer(texts)``;
+    evaluation batches (lists of items, no tensors) go to the device untouched, while the
+    warm-start batches (dicts of tensors) still move."""
+    from svdecode_pl.data.base import token_ids
+
+    dm = TruthfulQADataModule(path=str(mc_task_file), train_fraction=0.0)
+    dm.setup()
+    texts = [dm.prompt(q) + " " + a for q in dm.splits["test"] for a in q.answers]
+    assert token_ids(dm.tokenizer, texts) == dm.tokenizer(texts)["input_ids"]
+    items = dm.eval_items("test")
+    assert dm.transfer_batch_to_device(items, torch.device("cpu"), 0) is items
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long)}
+    moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["input_ids"].device.type == "meta"
