@@ -31,6 +31,7 @@ from transformers import (
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from svdecode_pl.decoding import SteeringLogitsProcessor
+from svdecode_pl.errors import OptionError
 from svdecode_pl.modeling import hf_model, hidden_states_as_logits, is_peft_model
 from svdecode_pl.scoring import is_prompt_learning
 from svdecode_pl.steering import SteeringVector
@@ -58,16 +59,17 @@ class GenerationSettings:
     """Sampling seed: the same seed gives the same samples (None: the global generator as it is)."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and not self.temperature > 0.0:
-            raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        """A bad value is the user's (``OptionError``: one line from ``svdecode``, exit status 2)."""
+        problems = [
+            (self.max_new_tokens < 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.do_sample and not self.temperature > 0.0, f"sampling needs temperature > 0, got {self.temperature}"),
+            (not 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k < 0, f"top_k must be >= 0 (0: off), got {self.top_k}"),
+            (self.num_beams < 1, f"num_beams must be >= 1, got {self.num_beams}"),
+        ]
+        for failed, message in problems:
+            if failed:
+                raise OptionError(f"generation settings: {message}")
         self.stop = list(self.stop)
 
 

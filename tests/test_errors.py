@@ -26,6 +26,7 @@ from svdecode_pl.cli import main
 from svdecode_pl.data.records import DataFormatError
 from svdecode_pl.errors import (
     AdapterError,
+    OptionError,
     SteeringArtifactError,
     UserInputError,
     atomic_directory,
@@ -56,6 +57,23 @@ def test_user_errors_are_one_line_and_bugs_are_none():
             raise RuntimeError("wrapper") from inner
     except RuntimeError as outer:
         assert user_error_message(outer) == "b.csv: header: missing column 'Question'"
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
+    ({"do_sample": True, "temperature": 0.0}, "sampling needs temperature > 0, got 0.0"),
+    ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+    ({"top_k": -1}, "top_k must be >= 0 (0: off), got -1"),
+    ({"num_beams": 0}, "num_beams must be >= 1, got 0"),
+])
+def test_generation_settings_are_option_errors(settings, expected):
+    """A bad ``--data.generation.*`` value is the user's: one line (``svdecode`` exits with 2, not
+    a 100-line jsonargparse traceback)."""
+    from svdecode_pl.generation import GenerationSettings
+
+    with pytest.raises(OptionError) as caught:
+        GenerationSettings(**settings)
+    assert user_error_message(caught.value) == f"generation settings: {expected}"
 
 
 def test_main_turns_user_errors_into_one_line_and_keeps_bugs(monkeypatch, capsys):
