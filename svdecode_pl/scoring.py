@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import functools
 import sys
 import time
 from collections.abc import Iterator
@@ -157,6 +158,20 @@ def score_tokens(
                 for g, mu in enumerate(mu_grid):
                     grid[g, rows] = torch.log_softmax(logits + mu * direction, -1).gather(-1, y).squeeze(-1)
     return TokenScores(plain, steered, grid)
+
+
+def score_pass(
+    model: nn.Module, head: nn.Module, hidden_of, targets: torch.Tensor, steering: SteeringVector | None,
+    chunk_tokens: int, mu_grid: list[float] | None,
+) -> TokenScores:
+    """Token scores of one forward pass: ``hidden_of(state)`` gives the final hidden states that
+    predict ``targets``, adapted, and with the adapter off when the steering needs base logits."""
+    adapted = hidden_of("adapted")
+    base = None
+    if steering is not None and steering.needs_base_logits:
+        with adapter_disabled(model):
+            base = hidden_of("base")
+    return score_tokens(head, adapted, targets, steering, base, chunk_tokens, mu_grid)
 
 
 class PairSums:
@@ -365,12 +380,8 @@ def score_segments(
                                concatenate=True, min_length=MIN_GEMM_ROWS)
             stops = torch.tensor([lengths[q] for q in group]).cumsum(0).tolist()
             bounds = list(zip([0, *stops[:-1]], stops))
-        adapted = hidden_of(packed, bounds, "adapted")
-        base = None
-        if steering is not None and steering.needs_base_logits:
-            with adapter_disabled(model):
-                base = hidden_of(packed, bounds, "base")
-        scores = score_tokens(head, adapted, packed.targets, steering, base, chunk_tokens, mu_grid)
+        scores = score_pass(model, head, functools.partial(hidden_of, packed, bounds), packed.targets, steering,
+                            chunk_tokens, mu_grid)
         pairs = [(q, a) for q in group for a in range(len(continuations[q]))]
         sums.add(scores.select(packed.expand), packed.owner, pairs)
     return sums.results()
@@ -572,7 +583,7 @@ def score_packed(
     """:func:`score_many` with one packed row per context."""
     device = next(model.parameters()).device
     inner = hf_model(model)
-    mask_dtype = None if inner.config._attn_implementation == "sdpa" else inner.dtype
+    mask_dtype = inner.dtype  # additive, as in score_segments
     head = inner.get_output_embeddings()
     tries = [continuation_trie(conts) for conts in continuations]
     length = lambda q: len(contexts[q]) + len(tries[q].tokens)  # noqa: E731
@@ -595,12 +606,8 @@ def score_packed(
     for group in length_batches(order, length, max_batch_tokens):
         with timed("packing"):
             rows = pack_rows([contexts[q][prefix_len:] for q in group], [tries[q] for q in group], pad_id, device)
-        adapted = hidden_of(rows, "adapted")
-        base = None
-        if steering is not None and steering.needs_base_logits:
-            with adapter_disabled(model):
-                base = hidden_of(rows, "base")
-        scores = score_tokens(head, adapted, rows.targets, steering, base, chunk_tokens, mu_grid)
+        scores = score_pass(model, head, functools.partial(hidden_of, rows), rows.targets, steering, chunk_tokens,
+                            mu_grid)
         pairs = [(q, a) for q in group for a in range(len(continuations[q]))]
         sums.add(scores.select(rows.expand), rows.owner, pairs)
     return sums.results()
@@ -640,14 +647,14 @@ def score_padded(
     sums = PairSums(continuations, steering, mu_grid)
     head = hf_model(model).get_output_embeddings()
 
-    def hidden_of(ids: torch.Tensor, state: str) -> torch.Tensor:
+    def hidden_of(ids: torch.Tensor, predict: torch.Tensor, state: str) -> torch.Tensor:
         with timed("forward passes", ids.numel()), hidden_states_as_logits(model):
             if prefix is not None:
                 cache = prefix.get(model, contexts[0][:prefix_len], state, device)
                 cache.batch_repeat_interleave(ids.shape[0])
-                return hf_model(model)(input_ids=ids, past_key_values=cache, use_cache=True).logits
+                return hf_model(model)(input_ids=ids, past_key_values=cache, use_cache=True).logits[predict]
             out = model(input_ids=ids, use_cache=False).logits
-            return out[:, out.shape[1] - ids.shape[1] :]  # drop prompt-tuning virtual tokens
+            return out[:, out.shape[1] - ids.shape[1] :][predict]  # drop prompt-tuning virtual tokens
 
     for batch in length_batches(order, lambda i: length(pairs[i]), max_batch_tokens):
         group = [pairs[i] for i in batch]
@@ -659,12 +666,8 @@ def score_padded(
             first = len(contexts[q]) - prefix_len - 1  # the position predicting the first continuation token
             predict[row, first : len(seq) - 1] = True
         targets = ids[:, 1:][predict[:, :-1]]
-        adapted = hidden_of(ids, "adapted")[predict]
-        base = None
-        if steering is not None and steering.needs_base_logits:
-            with adapter_disabled(model):
-                base = hidden_of(ids, "base")[predict]
-        scores = score_tokens(head, adapted, targets, steering, base, chunk_tokens, mu_grid)
+        scores = score_pass(model, head, functools.partial(hidden_of, ids, predict), targets, steering,
+                            chunk_tokens, mu_grid)
         owner = torch.arange(len(group), device=device)[:, None].expand_as(predict)[predict]
         sums.add(scores, owner, group)
     return sums.results()
