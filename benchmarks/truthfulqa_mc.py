@@ -70,7 +70,8 @@ def profile_ours(model_dir: str, data: Path, limit: int | None, device: str, bat
                                    max_batch_tokens=batch_tokens)
     scoring = time.perf_counter() - start
     items = list(loader.dataset)
-    targets = sum(len(continuation_trie(item.continuation_ids).targets) for item in items)
+    tries = [continuation_trie(item.continuation_ids) for item in items]
+    targets = sum(len(trie.targets) for trie in tries)
     floor = linear_floor(model, profile.tokens, targets, device)
     primer = items[0].shared_prefix_len
     # lm-eval's requests: every (context, answer) pair of both tasks, fed as (context + answer)[:-1]
@@ -80,7 +81,7 @@ def profile_ours(model_dir: str, data: Path, limit: int | None, device: str, bat
     )
     per_question = sum(len(item.context_ids) + sum(map(len, item.continuation_ids)) for item in items)
     # the answers of a question as a trie (shared leading tokens once, no token that predicts nothing)
-    trie = sum(len(item.context_ids) - primer + len(continuation_trie(item.continuation_ids).tokens) for item in items)
+    trie = sum(len(item.context_ids) - primer + len(t.tokens) for item, t in zip(items, tries))
     return {
         "n": len(records),
         "tokenization": tokenization,
