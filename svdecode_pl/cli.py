@@ -145,6 +145,19 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"svdecode: error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
+    finally:
+        release_process_group()
+
+
+def release_process_group() -> None:
+    """Destroy torch.distributed's process groups while the interpreter is still whole. Left to
+    the interpreter's teardown, gloo's worker threads can abort a rank after a finished run
+    ("terminate called without an active exception", pytorch/pytorch#190489), and under ``srun``
+    one aborted task fails the whole job step. A local call: no rank waits for another."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -100,6 +100,32 @@ def test_main_turns_user_errors_into_one_line_and_keeps_bugs(monkeypatch, capsys
         main(["test"])
 
 
+@pytest.mark.parametrize("outcome", ["finished", "user error", "bug"])
+def test_main_destroys_the_process_group_before_exit(monkeypatch, tmp_path, outcome):
+    """A rank that leaves gloo's group to the interpreter's teardown can abort after a finished
+    fit (seen under srun: "terminate called without an active exception", the job FAILED)."""
+    import torch.distributed as dist
+
+    import svdecode_pl.cli as cli
+
+    def run(args):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        assert dist.is_initialized()
+        if outcome == "user error":
+            raise DataFormatError("x.json: record 1: field 'question': missing or empty")
+        if outcome == "bug":
+            raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(cli, "run_cli", run)
+    monkeypatch.delenv("SVDECODE_DEBUG", raising=False)
+    if outcome == "finished":
+        main(["fit"])
+    else:
+        with pytest.raises((SystemExit, ZeroDivisionError)):
+            main(["fit"])
+    assert not dist.is_initialized()
+
+
 # -- steering artifacts -----------------------------------------------------------------------
 
 
