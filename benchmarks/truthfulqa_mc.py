@@ -18,8 +18,9 @@ questions of ../shared/data/truthfulqa/mc_task.json:
    MC1 must be identical and MC2 within 1e-6.
 4. The floor of a whole run on this machine: the start-up of ``import svdecode_pl.cli`` in a fresh
    process, plus the tokenization, plus the model's linear layers alone on the tokens we feed (each
-   timed on 2,048 rows, scaled): no exact scoring of those tokens can beat it, so lm-eval's time
-   over it bounds the ratio any implementation here could show.
+   timed on 2,048 rows, scaled), plus attention's two matrix products alone on the (query,
+   visible key) pairs those tokens need (timed dense, scaled): no exact scoring of those tokens
+   can beat it, so lm-eval's time over it bounds the ratio any implementation here could show.
 
 The tiny model's embeddings are drawn with std 0.06 (``--embedding-std``), not the tests' 0.25:
 lm-eval's MC2 sums exp(loglikelihood) in float64 without subtracting the maximum, so it is NaN for
@@ -74,6 +75,12 @@ def profile_ours(model_dir: str, data: Path, limit: int | None, device: str, bat
     targets = sum(len(trie.targets) for trie in tries)
     floor = linear_floor(model, profile.tokens, targets, device)
     primer = items[0].shared_prefix_len
+    # (query, visible key) pairs: a context token sees the primer and the context up to itself, an
+    # answer-prefix token the primer, the context and its own ancestors
+    pairs = sum(
+        sum(range(primer + 1, len(item.context_ids) + 1)) + sum(len(item.context_ids) + d for d in t.depths)
+        for item, t in zip(items, tries)
+    )
     # lm-eval's requests: every (context, answer) pair of both tasks, fed as (context + answer)[:-1]
     per_answer = sum(
         len(item.context_ids) + len(item.continuation_ids[a]) - 1
@@ -94,6 +101,8 @@ def profile_ours(model_dir: str, data: Path, limit: int | None, device: str, bat
         "tokens_primer_once": per_question - primer * (len(items) - 1),
         "tokens_trie": trie + primer,
         "linear_floor": floor,
+        "attention_pairs": pairs,
+        "attention_floor": attention_floor(model, pairs, device),
         "mc1": sum(r.metrics["plain"]["mc1"] for r in records) / len(records),
         "mc2": sum(r.metrics["plain"]["mc2"] for r in records) / len(records),
     }
@@ -123,6 +132,29 @@ def linear_floor(model: torch.nn.Module, tokens: int, targets: int, device: str,
 
     per_pass = sum(fastest(layer, rows) for layer in layers)
     return per_pass * tokens / rows + fastest(head, rows) * targets / rows
+
+
+def attention_floor(model: torch.nn.Module, pairs: int, device: str, n: int = 2048) -> float:
+    """Seconds the attention's two matrix products alone take for ``pairs`` (query, visible key)
+    pairs in every layer: ``q @ k^T`` and ``p @ v`` timed dense on ``n`` queries x ``n`` keys
+    (no mask, no softmax, no wasted pairs), fastest of 5, scaled. Exact scores need each visible
+    pair once per head and layer."""
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype = next(model.parameters()).dtype
+    q, k, v = (torch.randn(heads, n, head_dim, device=device, dtype=dtype) for _ in range(3))
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(6):
+            if device != "cpu":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            torch.bmm(torch.bmm(q, k.transpose(1, 2)), v)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    return best * config.num_hidden_layers * pairs / (n * n)
 
 
 def import_seconds(repeats: int = 3) -> float:
@@ -258,10 +290,11 @@ def main() -> None:
             else:
                 print()
             start_up = import_seconds()
-            floor = start_up + prof["tokenization"] + prof["linear_floor"]
+            floor = start_up + prof["tokenization"] + prof["linear_floor"] + prof["attention_floor"]
             print(f"floor of a whole run here: start-up (import svdecode_pl.cli, fastest of 3) {start_up:.1f} s"
                   f" + tokenization {prof['tokenization']:.1f} s + the linear layers alone on our tokens"
-                  f" {prof['linear_floor']:.1f} s = {floor:.1f} s", end="")
+                  f" {prof['linear_floor']:.1f} s + attention's products alone on the visible pairs"
+                  f" ({prof['attention_pairs']:,}) {prof['attention_floor']:.1f} s = {floor:.1f} s", end="")
             print(f"; so at most {reference['process_seconds'] / floor:.2f}x lm-eval's run" if reference else "")
     if summary:
         print("\nsummary: " + "; ".join(f"{name} {ratio:.2f}x (MC1 identical {same}, MC2 diff {diff:.1e})"
