@@ -18,7 +18,14 @@ Checks, printed as one JSON line:
     most 256 new tokens, text cut at the stop strings), generations_equal = questions whose text
     equals lm-eval's completion;
   * with ``--completions``: a JSONL of {"doc_id", "completion"} from any generator (e.g. the
-    project's), compared the same way.
+    project's), compared the same way;
+  * with ``--predictions``: the ``predictions.jsonl`` of ``svdecode predict`` (its plain
+    generations, matched to lm-eval's questions by text): predictions_equal = questions whose
+    generation equals lm-eval's completion, and predictions_metric_max_abs_diff = the largest
+    |our record's metric - lm-eval's| over those questions (the whole pipeline, end to end).
+
+For a model that writes real answers and stop strings (not a random one), build
+``benchmarks/tiny_qa_model.py``'s.
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="TruthfulQA.csv, to check references from the raw cells too")
     ap.add_argument("--model-dir", default=None, help="generate greedily with our prompt and compare texts")
     ap.add_argument("--completions", default=None, help="JSONL of {doc_id, completion} to compare")
+    ap.add_argument("--predictions", default=None, help="predictions.jsonl of `svdecode predict` to compare")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (on a busy CPU: 1)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -122,6 +130,19 @@ def main(argv=None) -> int:
         shared = [q for q in questions if q["doc_id"] in ours]
         report["completions_compared"] = len(shared)
         report["completions_equal"] = sum(ours[q["doc_id"]] == q["completion"] for q in shared)
+    if args.predictions:
+        records = [json.loads(line) for line in open(args.predictions, encoding="utf-8") if line.strip()]
+        by_question = {r["question"]: r for r in records}
+        shared = [(q, by_question[q["source_record"]["question"]]) for q in questions
+                  if q["source_record"]["question"] in by_question]
+        equal = [(q, r) for q, r in shared if r["generation"]["plain"] == q["completion"]]
+        report["predictions_compared"] = len(shared)
+        report["predictions_equal"] = len(equal)
+        report["predictions_differ"] = [q["doc_id"] for q, r in shared if r["generation"]["plain"] != q["completion"]]
+        report["predictions_metric_max_abs_diff"] = max(
+            (abs(r["metrics"]["plain"][k] - q["metrics"][k]) for q, r in equal for k in TRUTHFULQA_GEN_KEYS),
+            default=None,
+        )
     if args.model_dir:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
