@@ -108,6 +108,21 @@ def profile_ours(model_dir: str, data: Path, limit: int | None, device: str, bat
     }
 
 
+def fastest_seconds(run, device: str, repeats: int = 6) -> float:
+    """Wall time of ``run()``, fastest of ``repeats`` (the first warms up), synchronised on GPUs."""
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            if device != "cpu":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def linear_floor(model: torch.nn.Module, tokens: int, targets: int, device: str, rows: int = 2048) -> float:
     """Seconds the model's matrix products alone take for ``tokens`` fed tokens (and the output
     head for ``targets`` rows) on this machine: each linear layer timed on a ``rows``-token input,
@@ -116,22 +131,11 @@ def linear_floor(model: torch.nn.Module, tokens: int, targets: int, device: str,
     head = model.get_output_embeddings()
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
 
-    def fastest(layer: torch.nn.Linear, n: int) -> float:
-        x = torch.randn(n, layer.in_features, device=device, dtype=layer.weight.dtype)
-        best = float("inf")
-        with torch.inference_mode():
-            for _ in range(6):
-                if device != "cpu":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                layer(x)
-                if device != "cpu":
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - start)
-        return best
+    def seconds(layer: torch.nn.Linear) -> float:
+        x = torch.randn(rows, layer.in_features, device=device, dtype=layer.weight.dtype)
+        return fastest_seconds(lambda: layer(x), device)
 
-    per_pass = sum(fastest(layer, rows) for layer in layers)
-    return per_pass * tokens / rows + fastest(head, rows) * targets / rows
+    return sum(map(seconds, layers)) * tokens / rows + seconds(head) * targets / rows
 
 
 def attention_floor(model: torch.nn.Module, pairs: int, device: str, n: int = 2048) -> float:
@@ -144,16 +148,7 @@ def attention_floor(model: torch.nn.Module, pairs: int, device: str, n: int = 20
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     dtype = next(model.parameters()).dtype
     q, k, v = (torch.randn(heads, n, head_dim, device=device, dtype=dtype) for _ in range(3))
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(6):
-            if device != "cpu":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            torch.bmm(torch.bmm(q, k.transpose(1, 2)), v)
-            if device != "cpu":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
+    best = fastest_seconds(lambda: torch.bmm(torch.bmm(q, k.transpose(1, 2)), v), device)
     return best * config.num_hidden_layers * pairs / (n * n)
 
 
