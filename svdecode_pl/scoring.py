@@ -204,6 +204,53 @@ class PairSums:
                             None if self.grid is None else self.grid[q]) for q in range(len(self.plain))]
 
 
+@dataclass
+class ScoringJob:
+    """What every packing of :func:`score_many` shares: the model, the contexts with their
+    continuations, the steering and the head's chunking, and the primer cache (its first
+    ``prefix_len`` tokens, shared by all contexts, encoded once per model state)."""
+
+    model: nn.Module
+    contexts: list[list[int]]
+    continuations: list[list[list[int]]]
+    steering: SteeringVector | None
+    chunk_tokens: int
+    pad_id: int
+    prefix: PrefixCache | None
+    prefix_len: int
+    mu_grid: list[float] | None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def primer_key_values(self, state: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The cached primer's (keys, values) per layer, read in place; None without a primer."""
+        if self.prefix is None:
+            return None
+        return self.prefix.key_values(self.model, self.contexts[0][: self.prefix_len], state, self.device)
+
+    def primer_cache(self, state: str, rows: int) -> Any:
+        """A copy of the cached primer for a pass of ``rows`` rows that appends to it; None without."""
+        if self.prefix is None:
+            return None
+        cache = self.prefix.get(self.model, self.contexts[0][: self.prefix_len], state, self.device)
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    def pairs(self, group: list[int]) -> list[tuple[int, int]]:
+        """The (context, continuation) pairs of the contexts in ``group``."""
+        return [(q, a) for q in group for a in range(len(self.continuations[q]))]
+
+    def pair_sums(self) -> PairSums:
+        return PairSums(self.continuations, self.steering, self.mu_grid)
+
+    def score(self, hidden_of, targets: torch.Tensor) -> TokenScores:
+        """:func:`score_pass` with this job's steering, head chunking and strength grid."""
+        head = hf_model(self.model).get_output_embeddings()
+        return score_pass(self.model, head, hidden_of, targets, self.steering, self.chunk_tokens, self.mu_grid)
+
+
 class PrefixCache:
     """Keys and values of a token prefix shared by many contexts (the QA primer), computed once
     per model state ("adapted" / "base") and copied for each context that starts with it."""
@@ -335,55 +382,41 @@ def pack_groups(lengths: list[int], pack_tokens: int) -> list[list[int]]:
     return groups
 
 
-def score_segments(
-    model: nn.Module,
-    contexts: list[list[int]],
-    continuations: list[list[list[int]]],
-    steering: SteeringVector | None,
-    chunk_tokens: int,
-    pad_id: int,
-    prefix: PrefixCache | None,
-    prefix_len: int,
-    pack_tokens: int,
-    mu_grid: list[float] | None = None,
-) -> list[TokenScores]:
+def score_segments(job: ScoringJob, pack_tokens: int) -> list[TokenScores]:
     """:func:`score_many` with several contexts, each with the trie of its continuations, packed one after
     the other in one row of up to ``pack_tokens`` tokens, each segment attending to itself only
     (:func:`segment_attention`): few, large matrix products, no padding, and every score the same
     whatever the packing, so 1 and N processes agree bit for bit."""
-    device = next(model.parameters()).device
-    inner = hf_model(model)
+    inner = hf_model(job.model)
     implementation = inner.config._attn_implementation
     mask_dtype = inner.dtype  # additive: SDPA turns a boolean mask into one on every call
-    head = inner.get_output_embeddings()
-    rows = [(context[prefix_len:], continuation_trie(conts)) for context, conts in zip(contexts, continuations)]
+    rows = [(context[job.prefix_len :], continuation_trie(conts))
+            for context, conts in zip(job.contexts, job.continuations)]
     lengths = [len(context) + len(trie.tokens) for context, trie in rows]
-    sums = PairSums(continuations, steering, mu_grid)
+    sums = job.pair_sums()
 
     def hidden_of(packed: PackedRows, bounds: list[tuple[int, int]], state: str) -> torch.Tensor:
-        cached = None if prefix is None else prefix.key_values(model, contexts[0][:prefix_len], state, device)
+        cached = job.primer_key_values(state)
         past = 0 if cached is None else cached[0][0].shape[-2]
         segments = [Segment(start, stop, packed_attention_mask(packed.ends[:, start:stop] - start, past, mask_dtype))
                     for start, stop in bounds]
         layout = SegmentLayout(segments, cached, implementation)
-        with timed("forward passes", packed.ids.numel()), segment_attention_active(model, layout):
-            with hidden_states_as_logits(model):
+        with timed("forward passes", packed.ids.numel()), segment_attention_active(job.model, layout):
+            with hidden_states_as_logits(job.model):
                 out = inner(
-                    input_ids=packed.ids, attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device),
+                    input_ids=packed.ids, attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=job.device),
                     position_ids=packed.positions + past, use_cache=False,
                 ).logits
         return out[packed.source]
 
     for group in pack_groups(lengths, pack_tokens):
         with timed("packing"):
-            packed = pack_rows([rows[q][0] for q in group], [rows[q][1] for q in group], pad_id, device,
+            packed = pack_rows([rows[q][0] for q in group], [rows[q][1] for q in group], job.pad_id, job.device,
                                concatenate=True, min_length=MIN_GEMM_ROWS)
             stops = torch.tensor([lengths[q] for q in group]).cumsum(0).tolist()
             bounds = list(zip([0, *stops[:-1]], stops))
-        scores = score_pass(model, head, functools.partial(hidden_of, packed, bounds), packed.targets, steering,
-                            chunk_tokens, mu_grid)
-        pairs = [(q, a) for q in group for a in range(len(continuations[q]))]
-        sums.add(scores.select(packed.expand), packed.owner, pairs)
+        scores = job.score(functools.partial(hidden_of, packed, bounds), packed.targets)
+        sums.add(scores.select(packed.expand), packed.owner, job.pairs(group))
     return sums.results()
 
 
@@ -558,45 +591,25 @@ def score_many(
         raise ValueError("a context has no tokens (the first continuation token needs one to predict it)")
     use_prefix = prefix is not None and prefix_len > 0 and all(len(c) > prefix_len for c in contexts)
     prefix, prefix_len = (prefix, prefix_len) if use_prefix else (None, 0)
+    job = ScoringJob(model, contexts, continuations, steering, chunk_tokens, pad_id, prefix, prefix_len, mu_grid)
     if packs_rows(model) and (use_prefix or not is_prompt_learning(model)):
-        if max_batch_tokens <= 0:
-            return score_segments(model, contexts, continuations, steering, chunk_tokens, pad_id, prefix, prefix_len,
-                                  pack_tokens, mu_grid)
-        return score_packed(model, contexts, continuations, steering, chunk_tokens, pad_id, prefix, prefix_len,
-                            max_batch_tokens, mu_grid)
-    return score_padded(model, contexts, continuations, steering, chunk_tokens, pad_id, prefix, prefix_len,
-                        max_batch_tokens, mu_grid)
+        return score_segments(job, pack_tokens) if max_batch_tokens <= 0 else score_packed(job, max_batch_tokens)
+    return score_padded(job, max_batch_tokens)
 
 
-def score_packed(
-    model: nn.Module,
-    contexts: list[list[int]],
-    continuations: list[list[list[int]]],
-    steering: SteeringVector | None,
-    chunk_tokens: int,
-    pad_id: int,
-    prefix: PrefixCache | None,
-    prefix_len: int,
-    max_batch_tokens: int,
-    mu_grid: list[float] | None = None,
-) -> list[TokenScores]:
+def score_packed(job: ScoringJob, max_batch_tokens: int) -> list[TokenScores]:
     """:func:`score_many` with one packed row per context."""
-    device = next(model.parameters()).device
-    inner = hf_model(model)
+    inner = hf_model(job.model)
     mask_dtype = inner.dtype  # additive, as in score_segments
-    head = inner.get_output_embeddings()
-    tries = [continuation_trie(conts) for conts in continuations]
-    length = lambda q: len(contexts[q]) + len(tries[q].tokens)  # noqa: E731
-    order = sorted(range(len(contexts)), key=length)
-    sums = PairSums(continuations, steering, mu_grid)
+    tries = [continuation_trie(conts) for conts in job.continuations]
+    length = lambda q: len(job.contexts[q]) + len(tries[q].tokens)  # noqa: E731
+    order = sorted(range(len(job.contexts)), key=length)
+    sums = job.pair_sums()
 
     def hidden_of(rows: PackedRows, state: str) -> torch.Tensor:
-        cache, past = None, 0
-        if prefix is not None:
-            cache = prefix.get(model, contexts[0][:prefix_len], state, device)
-            cache.batch_repeat_interleave(rows.ids.shape[0])
-            past = cache.get_seq_length()
-        with timed("forward passes", rows.ids.numel()), hidden_states_as_logits(model):
+        cache = job.primer_cache(state, rows.ids.shape[0])
+        past = 0 if cache is None else cache.get_seq_length()
+        with timed("forward passes", rows.ids.numel()), hidden_states_as_logits(job.model):
             out = inner(
                 input_ids=rows.ids, attention_mask=packed_attention_mask(rows.ends, past, mask_dtype),
                 position_ids=rows.positions + past, past_key_values=cache, use_cache=cache is not None,
@@ -605,11 +618,10 @@ def score_packed(
 
     for group in length_batches(order, length, max_batch_tokens):
         with timed("packing"):
-            rows = pack_rows([contexts[q][prefix_len:] for q in group], [tries[q] for q in group], pad_id, device)
-        scores = score_pass(model, head, functools.partial(hidden_of, rows), rows.targets, steering, chunk_tokens,
-                            mu_grid)
-        pairs = [(q, a) for q in group for a in range(len(continuations[q]))]
-        sums.add(scores.select(rows.expand), rows.owner, pairs)
+            rows = pack_rows([job.contexts[q][job.prefix_len :] for q in group], [tries[q] for q in group],
+                             job.pad_id, job.device)
+        scores = job.score(functools.partial(hidden_of, rows), rows.targets)
+        sums.add(scores.select(rows.expand), rows.owner, job.pairs(group))
     return sums.results()
 
 
@@ -626,48 +638,34 @@ def length_batches(order: list[int], length, max_batch_tokens: int) -> Iterator[
         yield group
 
 
-def score_padded(
-    model: nn.Module,
-    contexts: list[list[int]],
-    continuations: list[list[list[int]]],
-    steering: SteeringVector | None,
-    chunk_tokens: int,
-    pad_id: int,
-    prefix: PrefixCache | None,
-    prefix_len: int,
-    max_batch_tokens: int,
-    mu_grid: list[float] | None = None,
-) -> list[TokenScores]:
+def score_padded(job: ScoringJob, max_batch_tokens: int) -> list[TokenScores]:
     """:func:`score_many` with one right-padded row per (context, continuation) pair: a causal
     model's real tokens never attend to later pads, so no mask is needed."""
-    device = next(model.parameters()).device
-    pairs = [(q, a) for q, conts in enumerate(continuations) for a in range(len(conts))]
+    contexts, continuations, prefix_len, device = job.contexts, job.continuations, job.prefix_len, job.device
+    pairs = job.pairs(list(range(len(contexts))))
     length = lambda qa: len(contexts[qa[0]]) - prefix_len + len(continuations[qa[0]][qa[1]])  # noqa: E731
     order = sorted(range(len(pairs)), key=lambda i: length(pairs[i]))
-    sums = PairSums(continuations, steering, mu_grid)
-    head = hf_model(model).get_output_embeddings()
+    sums = job.pair_sums()
 
     def hidden_of(ids: torch.Tensor, predict: torch.Tensor, state: str) -> torch.Tensor:
-        with timed("forward passes", ids.numel()), hidden_states_as_logits(model):
-            if prefix is not None:
-                cache = prefix.get(model, contexts[0][:prefix_len], state, device)
-                cache.batch_repeat_interleave(ids.shape[0])
-                return hf_model(model)(input_ids=ids, past_key_values=cache, use_cache=True).logits[predict]
-            out = model(input_ids=ids, use_cache=False).logits
+        with timed("forward passes", ids.numel()), hidden_states_as_logits(job.model):
+            cache = job.primer_cache(state, ids.shape[0])
+            if cache is not None:
+                return hf_model(job.model)(input_ids=ids, past_key_values=cache, use_cache=True).logits[predict]
+            out = job.model(input_ids=ids, use_cache=False).logits
             return out[:, out.shape[1] - ids.shape[1] :][predict]  # drop prompt-tuning virtual tokens
 
     for batch in length_batches(order, lambda i: length(pairs[i]), max_batch_tokens):
         group = [pairs[i] for i in batch]
         seqs = [contexts[q][prefix_len:] + continuations[q][a] for q, a in group]
-        ids = torch.full((len(group), max(map(len, seqs))), pad_id, device=device)
+        ids = torch.full((len(group), max(map(len, seqs))), job.pad_id, device=device)
         predict = torch.zeros(ids.shape, dtype=torch.bool, device=device)
         for row, ((q, _), seq) in enumerate(zip(group, seqs)):
             ids[row, : len(seq)] = torch.tensor(seq, device=device)
             first = len(contexts[q]) - prefix_len - 1  # the position predicting the first continuation token
             predict[row, first : len(seq) - 1] = True
         targets = ids[:, 1:][predict[:, :-1]]
-        scores = score_pass(model, head, functools.partial(hidden_of, ids, predict), targets, steering,
-                            chunk_tokens, mu_grid)
+        scores = job.score(functools.partial(hidden_of, ids, predict), targets)
         owner = torch.arange(len(group), device=device)[:, None].expand_as(predict)[predict]
         sums.add(scores, owner, group)
     return sums.results()
