@@ -226,6 +226,8 @@ def main() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps({k: summary[k] for k in ("losses", "adapter_max_change", "times")}), flush=True)
     strategy.barrier()
+    # as ``svdecode`` does: a gloo group left to the interpreter's teardown can abort the process
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
