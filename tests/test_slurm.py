@@ -1,11 +1,13 @@
-"""SLURM scripts: static checks, and a real fit + test on a one-node cluster.
+"""SLURM scripts: static checks, and a real fit + test + predict on a one-node cluster.
 
 The cluster test starts SLURM on this machine with ``tests/slurm_cluster.sh start``
 (root and apt needed; it is skipped, with the reason, when the daemons cannot
 start), submits ``slurm/fit.sbatch`` twice as 2 DDP tasks on CPU, requeues one of
 the two fits with ``scontrol requeue`` in the middle of an epoch, checks that it
 resumed from its checkpoint and ended with the adapter of the other, uninterrupted
-one, then runs ``slurm/test.sbatch`` and checks that ``results.json`` was written.
+one, then runs ``slurm/test.sbatch`` and checks that ``results.json`` was written, then
+``slurm/predict.sbatch`` (2 tasks) on the run and on a copy of it, the first requeued once its
+first records are written: it must skip them on restart and end with the other's records.
 A cluster that was already running is left running; one that the test started is
 stopped at the end.
 
@@ -40,6 +42,8 @@ CONFIG = os.environ.get("SLURM_TEST_CONFIG", str(REPO / "configs" / "quickstart.
 # small overrides so that the fit takes seconds on 2 CPU processes
 FIT_ARGS = "--trainer.accelerator cpu --trainer.max_steps 5 --trainer.enable_progress_bar false"
 TEST_ARGS = "--trainer.accelerator cpu --trainer.enable_progress_bar false"
+# small batches: records land batch by batch, so the requeue comes with most of them still to do
+PREDICT_ARGS = f"{TEST_ARGS} --data.eval_batch_size 4"
 # CPU variant of the GPU defaults in the #SBATCH lines
 CPU_SBATCH = ["--gpus-per-node=0", "--cpus-per-task=1"]
 JOB_TIMEOUT = float(os.environ.get("SLURM_TEST_TIMEOUT", "900"))
@@ -77,11 +81,12 @@ def test_shellcheck(script: Path) -> None:
 
 
 def test_slurm_scripts_present() -> None:
-    for name in ("fit.sbatch", "test.sbatch", "sweep.sbatch", "README.md"):
+    for name in ("fit.sbatch", "test.sbatch", "predict.sbatch", "sweep.sbatch", "README.md"):
         assert (SLURM_DIR / name).is_file(), name
-    fit = (SLURM_DIR / "fit.sbatch").read_text()
-    assert "#SBATCH --signal=SIGUSR1@90" in fit
-    assert "#SBATCH --requeue" in fit
+    for name in ("fit.sbatch", "predict.sbatch"):
+        script = (SLURM_DIR / name).read_text()
+        assert "#SBATCH --signal=SIGUSR1@90" in script
+        assert "#SBATCH --requeue" in script
 
 
 # --------------------------------------------------------------------------- cluster
@@ -157,13 +162,13 @@ def _tail(path: Path, n: int = 60) -> str:
     return f"---- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
-def _requeue_when(job_id: str, ready: Path, log: Path) -> None:
-    """``scontrol requeue`` the job once ``ready`` exists (SLURM kills it and queues it again)."""
+def _requeue_when(job_id: str, ready, what: str, log: Path) -> None:
+    """``scontrol requeue`` the job once ``ready()`` holds (SLURM kills it and queues it again)."""
     deadline = time.monotonic() + JOB_TIMEOUT
-    while not ready.exists():
+    while not ready():
         state = _job_info(job_id).get("JobState")
         if state in FINAL_STATES or time.monotonic() > deadline:
-            pytest.fail(f"job {job_id} ended ({state}) before {ready.name} appeared\n{_tail(log)}")
+            pytest.fail(f"job {job_id} ended ({state}) before {what}\n{_tail(log)}")
         time.sleep(0.2)
     res = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
@@ -179,8 +184,15 @@ def _requeue_when(job_id: str, ready: Path, log: Path) -> None:
     pytest.fail(f"requeued job {job_id} did not start again: {_job_info(job_id)}\n{_tail(log)}")
 
 
+def _records_written(run_dir: Path) -> int:
+    """Complete records in the prediction writer's part files (each starts with a signature line)."""
+    from svdecode_pl.callbacks.prediction_writer import complete_lines
+
+    return sum(max(len(complete_lines(part)) - 1, 0) for part in run_dir.glob("predictions.jsonl.part*"))
+
+
 @pytest.mark.slurm
-def test_requeued_fit_resumes_then_test_on_slurm(slurm_cluster: None, tmp_path: Path) -> None:
+def test_requeued_fit_resumes_then_test_and_requeued_predict_on_slurm(slurm_cluster: None, tmp_path: Path) -> None:
     """A 2-task DDP fit is requeued (``scontrol requeue``) in the middle of an epoch: SLURM kills
     it and starts it again with the same job id; ``fit.sbatch`` resumes from the run's
     ``last.ckpt`` and the fit ends with the adapter of the same fit never interrupted. Then
@@ -221,7 +233,8 @@ def test_requeued_fit_resumes_then_test_on_slurm(slurm_cluster: None, tmp_path: 
         )
         fit_logs[run] = logs / f"{job_name}-{ids[run]}.out"
     run_dirs = {run: tmp_path / "runs" / f"svdecode-ci-{tag}-{run}" / ids[run] for run in ids}
-    _requeue_when(ids["requeued"], run_dirs["requeued"] / "checkpoints" / "last.ckpt", fit_logs["requeued"])
+    last_ckpt = run_dirs["requeued"] / "checkpoints" / "last.ckpt"
+    _requeue_when(ids["requeued"], last_ckpt.exists, "last.ckpt appeared", fit_logs["requeued"])
     for run in ids:
         info = _wait(ids[run], fit_logs[run])
         assert info.get("JobState") == "COMPLETED", f"fit job {ids[run]}: {info}\n{_tail(fit_logs[run])}"
@@ -260,3 +273,36 @@ def test_requeued_fit_resumes_then_test_on_slurm(slurm_cluster: None, tmp_path: 
     results = run_dir / "results.json"
     assert results.is_file(), _tail(test_log)
     assert json.loads(results.read_text()), "results.json is empty"
+
+    # predict: 2 DDP tasks on the finished run, requeued once its first records are written, and
+    # the same job on a copy of the run, never interrupted: each record once, in input order, equal
+    copy = tmp_path / "runs" / f"svdecode-ci-{tag}-straight-predict"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("predictions.jsonl*", "hpc_ckpt_*"))
+    predict_dirs = {"requeued": run_dir, "straight": copy}
+    predict_ids, predict_logs = {}, {}
+    for run, directory in predict_dirs.items():
+        job_name = f"svdecode-ci-{tag}-predict-{run}"
+        predict_ids[run] = _submit(
+            SLURM_DIR / "predict.sbatch",
+            [*CPU_SBATCH, "--ntasks-per-node=2", "--nodes=1", f"--job-name={job_name}"],
+            {**env, "EXTRA_ARGS": PREDICT_ARGS, "RUN_DIR": str(directory),
+             "WRITER_CONFIG": str(REPO / "callbacks" / "prediction_writer.yaml")},
+            tmp_path,
+        )
+        predict_logs[run] = logs / f"{job_name}-{predict_ids[run]}.out"
+    _requeue_when(predict_ids["requeued"], lambda: _records_written(run_dir) > 0, "its first records were written",
+                  predict_logs["requeued"])
+    for run, job_id in predict_ids.items():
+        info = _wait(job_id, predict_logs[run])
+        assert info.get("JobState") == "COMPLETED", f"predict job {job_id}: {info}\n{_tail(predict_logs[run])}"
+        assert info.get("ExitCode") == "0:0", info
+    assert int(_job_info(predict_ids["requeued"]).get("Restarts", "0")) == 1
+    predict_text = predict_logs["requeued"].read_text(errors="replace")
+    assert "restart 1 on" in predict_text, _tail(predict_logs["requeued"])
+    skipped = re.search(r"resuming predictions: (\d+) records already written are skipped", predict_text)
+    assert skipped and int(skipped.group(1)) > 0, _tail(predict_logs["requeued"])
+    records = {run: (d / "predictions.jsonl").read_text().splitlines() for run, d in predict_dirs.items()}
+    uids = [json.loads(line)["uid"] for line in records["requeued"]]
+    assert len(uids) == len(set(uids)) == 200 and uids == sorted(uids)
+    assert records["requeued"] == records["straight"]
+    assert not list(run_dir.glob("predictions.jsonl.part*"))

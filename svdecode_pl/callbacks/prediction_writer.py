@@ -7,12 +7,14 @@ import hashlib
 import json
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from svdecode_pl.errors import UserInputError, atomic_write_text
 
@@ -47,7 +49,8 @@ class JSONLPredictionWriter(BasePredictionWriter):
     requeue) keeps the complete lines of the part files its predecessor left (a torn last line is
     dropped), and the module skips the questions they hold (:attr:`SVDecodeModule.completed_predictions`),
     on any number of processes. Each part starts with the run's settings signature; parts of
-    another run are discarded.
+    another run are discarded. A SIGTERM (what SLURM sends on requeue or preemption, before its
+    SIGKILL) ends the run after the batch in hand, its records written, with exit status 143.
     """
 
     def __init__(self, output: str | None = None, resume: bool = True) -> None:
@@ -123,6 +126,11 @@ class JSONLPredictionWriter(BasePredictionWriter):
             self._handle.write(record.to_json() + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
+        if trainer.received_sigterm and not trainer.predict_loop.batch_progress.is_last_batch:
+            # SLURM's requeue or preemption (or a kill): stop after this batch, its records kept, as
+            # Lightning's fit/validate/test loops stop (its predict loop would run on until SIGKILL,
+            # 30 s later by SLURM's default, maybe mid-write); exit status 143, as killed by SIGTERM
+            raise SIGTERMException(128 + signal.SIGTERM)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._handle.close()
@@ -143,6 +151,6 @@ class JSONLPredictionWriter(BasePredictionWriter):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self._handle is not None and not self._handle.closed:
             self._handle.close()
-        if isinstance(exception, KeyboardInterrupt):
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             rank_zero_warn(f"interrupted: the records written so far are kept in {self.path(trainer)}.part*; "
                            "run the same command again to resume")
