@@ -196,7 +196,8 @@ def test_requeued_fit_resumes_then_test_and_requeued_predict_on_slurm(slurm_clus
     """A 2-task DDP fit is requeued (``scontrol requeue``) in the middle of an epoch: SLURM kills
     it and starts it again with the same job id; ``fit.sbatch`` resumes from the run's
     ``last.ckpt`` and the fit ends with the adapter of the same fit never interrupted. Then
-    ``test.sbatch`` scores the run."""
+    ``test.sbatch`` scores the run, and ``predict.sbatch``, requeued once its first records are
+    written, ends with the records of an uninterrupted predict."""
     from safetensors.torch import load_file
 
     env = dict(os.environ)
