@@ -16,7 +16,7 @@ questions of ../shared/data/truthfulqa/mc_task.json:
    its ``results.json``, against an lm-eval process (``truthfulqa_mc1`` + ``truthfulqa_mc2``,
    batch size 16, benchmarks/lm_eval_reference.py) from start to exit, on the same model and data;
    MC1 must be identical and MC2 within 1e-6.
-4. The floor of a whole run on this machine: the start-up of ``import svdecode_pl.cli`` in a fresh
+4. The floor of a whole run on this machine: the start-up of ``import svdecode_pl.lightning_cli`` in a fresh
    process, plus the tokenization, plus the model's linear layers alone on the tokens we feed (each
    timed on 2,048 rows, scaled), plus attention's two matrix products alone on the (query,
    visible key) pairs those tokens need (timed dense, scaled): no exact scoring of those tokens
@@ -153,13 +153,13 @@ def attention_floor(model: torch.nn.Module, pairs: int, device: str, n: int = 20
 
 
 def import_seconds(repeats: int = 3) -> float:
-    """Wall time of ``import svdecode_pl.cli`` (Lightning, torch, transformers, PEFT) in a fresh
-    process, fastest of ``repeats``: the start-up every ``svdecode`` run pays."""
+    """Wall time of ``import svdecode_pl.lightning_cli`` (Lightning, torch, transformers, PEFT) in a fresh
+    process, fastest of ``repeats``: the start-up every ``svdecode fit|validate|test|predict`` pays."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import svdecode_pl.cli"], check=True, env=env, capture_output=True)
+        subprocess.run([sys.executable, "-c", "import svdecode_pl.lightning_cli"], check=True, env=env, capture_output=True)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -286,7 +286,7 @@ def main() -> None:
                 print()
             start_up = import_seconds()
             floor = start_up + prof["tokenization"] + prof["linear_floor"] + prof["attention_floor"]
-            print(f"floor of a whole run here: start-up (import svdecode_pl.cli, fastest of 3) {start_up:.1f} s"
+            print(f"floor of a whole run here: start-up (import svdecode_pl.lightning_cli, fastest of 3) {start_up:.1f} s"
                   f" + tokenization {prof['tokenization']:.1f} s + the linear layers alone on our tokens"
                   f" {prof['linear_floor']:.1f} s + attention's products alone on the visible pairs"
                   f" ({prof['attention_pairs']:,}) {prof['attention_floor']:.1f} s = {floor:.1f} s", end="")

@@ -93,3 +93,20 @@ def test_sweep_then_report(tmp_path, capsys):
     run_cli(["sweep", str(spec)])
     assert "0 point(s) run, 4 skipped" in capsys.readouterr().out
     assert {p: p.stat().st_mtime for p in runs.glob("*/*.log")} == logs
+
+
+def test_report_and_sweep_start_without_lightning():
+    """``svdecode report`` / ``sweep`` read files and write tables: they do not pay Lightning's
+    start-up (~6 s here); the entry point imports it only for fit/validate/test/predict."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, svdecode_pl.cli, svdecode_pl.report, svdecode_pl.sweep, svdecode_pl.data.records\n"
+        "heavy = sorted(m for m in ('lightning', 'torch', 'transformers', 'peft') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "from svdecode_pl.data import TruthfulQADataModule\n"  # the data modules still import on first use
+        "assert 'lightning' in sys.modules and TruthfulQADataModule.task_name == 'truthfulqa_mc'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
