@@ -159,7 +159,8 @@ def import_seconds(repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import svdecode_pl.lightning_cli"], check=True, env=env, capture_output=True)
+        subprocess.run([sys.executable, "-c", "import svdecode_pl.lightning_cli"], check=True, env=env,
+                       capture_output=True)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -286,7 +287,8 @@ def main() -> None:
                 print()
             start_up = import_seconds()
             floor = start_up + prof["tokenization"] + prof["linear_floor"] + prof["attention_floor"]
-            print(f"floor of a whole run here: start-up (import svdecode_pl.lightning_cli, fastest of 3) {start_up:.1f} s"
+            print("floor of a whole run here: start-up (import svdecode_pl.lightning_cli, fastest of 3)"
+                  f" {start_up:.1f} s"
                   f" + tokenization {prof['tokenization']:.1f} s + the linear layers alone on our tokens"
                   f" {prof['linear_floor']:.1f} s + attention's products alone on the visible pairs"
                   f" ({prof['attention_pairs']:,}) {prof['attention_floor']:.1f} s = {floor:.1f} s", end="")

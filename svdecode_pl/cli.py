@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from svdecode_pl.allocator import keep_freed_memory
 from svdecode_pl.errors import DEBUG_ENV, user_error_message
 
 if TYPE_CHECKING:
     from svdecode_pl.lightning_cli import SVDecodeCLI
-
-
-def __getattr__(name: str) -> Any:
-    """``svdecode_pl.cli.SVDecodeCLI``, imported on first use (it brings Lightning)."""
-    if name == "SVDecodeCLI":
-        from svdecode_pl.lightning_cli import SVDecodeCLI
-
-        return SVDecodeCLI
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_cli(args: list[str] | None = None) -> SVDecodeCLI:
@@ -79,10 +70,10 @@ def release_process_group() -> None:
     """Destroy torch.distributed's process groups while the interpreter is still whole. Left to
     the interpreter's teardown, gloo's worker threads can abort a rank after a finished run
     ("terminate called without an active exception", pytorch/pytorch#190489), and under ``srun``
-    one aborted task fails the whole job step. A local call: no rank waits for another."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    one aborted task fails the whole job step. A local call: no rank waits for another. Nothing
+    to do (and no torch import) when the run never loaded torch.distributed (``report``, ``sweep``)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -319,8 +319,8 @@ def test_generate_plain_and_steered(data_dir, lora_model):
 
 @pytest.mark.parametrize("name", ["quickstart", "paper"])
 def test_configs_parse(name):
-    from svdecode_pl.cli import SVDecodeCLI
     from svdecode_pl.data import TaskDataModule
+    from svdecode_pl.lightning_cli import SVDecodeCLI
 
     configs = {"quickstart": ["commonsense/quickstart.yaml"],
                "paper": ["paper/trainer.yaml", "model/qwen2.5-7b.yaml", "peft/lora.yaml", "data/commonsense.yaml"]}

@@ -11,8 +11,9 @@ from conftest import real_data
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from svdecode_pl.callbacks import SteeringVectorCallback
-from svdecode_pl.cli import SVDecodeCLI, run_cli
+from svdecode_pl.cli import run_cli
 from svdecode_pl.data.base import TaskDataModule
+from svdecode_pl.lightning_cli import SVDecodeCLI
 from svdecode_pl.module import SVDecodeModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -131,7 +131,7 @@ def one_process_reference(
     mean of the ``world_size`` ranks' batch losses (what averaging data-parallel gradients gives)."""
     from lightning.pytorch import LightningDataModule
 
-    from svdecode_pl.cli import SVDecodeCLI
+    from svdecode_pl.lightning_cli import SVDecodeCLI
     from svdecode_pl.module import SVDecodeModule
 
     cli_args = ["--config", QUICKSTART, *args, *DATA, "--trainer.accelerator", "cpu", "--trainer.logger", "false"]
