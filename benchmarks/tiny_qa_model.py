@@ -40,7 +40,7 @@ def qa_pairs(path: Path) -> list[tuple[str, str]]:
             pairs.append((question, f"\nA: {answer}\n\n"))
     with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
-            answers = [row["Best Answer"]] + [a for a in row["Correct Answers"].split(";")]
+            answers = [row["Best Answer"], *row["Correct Answers"].split(";")]
             for answer in dict.fromkeys(a.strip() for a in answers if a.strip()):
                 pairs.append((f"Q: {row['Question'].strip()}", f"\nA: {answer}\n\n"))
     return pairs

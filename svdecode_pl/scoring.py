@@ -160,20 +160,6 @@ def score_tokens(
     return TokenScores(plain, steered, grid)
 
 
-def score_pass(
-    model: nn.Module, head: nn.Module, hidden_of, targets: torch.Tensor, steering: SteeringVector | None,
-    chunk_tokens: int, mu_grid: list[float] | None,
-) -> TokenScores:
-    """Token scores of one forward pass: ``hidden_of(state)`` gives the final hidden states that
-    predict ``targets``, adapted, and with the adapter off when the steering needs base logits."""
-    adapted = hidden_of("adapted")
-    base = None
-    if steering is not None and steering.needs_base_logits:
-        with adapter_disabled(model):
-            base = hidden_of("base")
-    return score_tokens(head, adapted, targets, steering, base, chunk_tokens, mu_grid)
-
-
 class PairSums:
     """Token scores added up per (context, continuation) pair, in float64, for every context."""
 
@@ -246,9 +232,15 @@ class ScoringJob:
         return PairSums(self.continuations, self.steering, self.mu_grid)
 
     def score(self, hidden_of, targets: torch.Tensor) -> TokenScores:
-        """:func:`score_pass` with this job's steering, head chunking and strength grid."""
+        """Token scores of one forward pass: ``hidden_of(state)`` gives the final hidden states that
+        predict ``targets``, adapted, and with the adapter off when the steering needs base logits."""
+        adapted = hidden_of("adapted")
+        base = None
+        if self.steering is not None and self.steering.needs_base_logits:
+            with adapter_disabled(self.model):
+                base = hidden_of("base")
         head = hf_model(self.model).get_output_embeddings()
-        return score_pass(self.model, head, hidden_of, targets, self.steering, self.chunk_tokens, self.mu_grid)
+        return score_tokens(head, adapted, targets, self.steering, base, self.chunk_tokens, self.mu_grid)
 
 
 class PrefixCache:

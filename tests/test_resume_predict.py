@@ -31,20 +31,21 @@ from lightning.pytorch import Callback
 
 
 class KillAfterBatches(Callback):
-    """SIGKILL the whole run (every rank) once ``batches`` predict batches are written, the first
-    time only; with ``preempt`` first SIGUSR1, as SLURM's ``--signal=SIGUSR1@90`` before the end;
-    with ``sigterm`` only SIGTERM (what SLURM's requeue sends first), the run left to stop itself."""
+    """Interrupt the run once ``batches`` predict batches are written, the first time only.
+    ``kill``: SIGKILL the whole run (every rank); ``preempt``: first SIGUSR1, as SLURM's
+    ``--signal=SIGUSR1@90`` before the end, then SIGKILL; ``sigterm``: only SIGTERM (what SLURM's
+    requeue sends first), the run left to stop itself."""
 
-    def __init__(self, batches: int = 2, marker: str = "killed", preempt: bool = False, sigterm: bool = False) -> None:
-        self.batches, self.marker, self.preempt, self.sigterm = batches, marker, preempt, sigterm
+    def __init__(self, batches: int = 2, marker: str = "killed", how: str = "kill") -> None:
+        self.batches, self.marker, self.how = batches, marker, how
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx + 1 >= self.batches and not os.path.exists(self.marker):
             open(self.marker, "w").close()
-            if self.sigterm:
+            if self.how == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
-            if self.preempt:
+            if self.how == "preempt":
                 os.kill(os.getpid(), signal.SIGUSR1)  # Lightning's handler: hpc checkpoint, scontrol requeue
             os.killpg(os.getpgid(0), signal.SIGKILL)
 '''
@@ -115,25 +116,23 @@ def slurm_job(tmp_path: Path) -> dict[str, str]:
             "SLURM_NODELIST": "localhost"}
 
 
-@pytest.mark.parametrize(("task", "devices", "preempt"), [("mc", 1, False), ("mc", 2, False), ("gen", 1, False),
-                                                          ("mc", 1, True), ("mc", 1, "sigterm")])
-def test_killed_predict_resumes_to_the_uninterrupted_records(tmp_path, straight, task, devices, preempt):
+@pytest.mark.parametrize(("task", "devices", "how"), [("mc", 1, "kill"), ("mc", 2, "kill"), ("gen", 1, "kill"),
+                                                      ("mc", 1, "preempt"), ("mc", 1, "sigterm")])
+def test_killed_predict_resumes_to_the_uninterrupted_records(tmp_path, straight, task, devices, how):
     (tmp_path / "killer.py").write_text(KILLER)
     run_dir = with_steering(tmp_path / "run")
     marker = tmp_path / "killed"
     kill_after = 2 if devices == 1 else 1
-    sigterm = preempt == "sigterm"
     killer = ["--trainer.callbacks+=killer.KillAfterBatches", "--trainer.callbacks.batches", str(kill_after),
-              "--trainer.callbacks.marker", str(marker), "--trainer.callbacks.preempt", str(preempt is True).lower(),
-              "--trainer.callbacks.sigterm", str(sigterm).lower()]
-    env = slurm_job(tmp_path) if preempt is True else None
+              "--trainer.callbacks.marker", str(marker), "--trainer.callbacks.how", how]
+    env = slurm_job(tmp_path) if how == "preempt" else None
     code = predict(run_dir, task, devices, *killer, env_extra=env)
     # SIGTERM: the run ends itself after the next batch, its records written (exit status 128 + 15)
-    expected = 128 + signal.SIGTERM if sigterm else -signal.SIGKILL
+    expected = 128 + signal.SIGTERM if how == "sigterm" else -signal.SIGKILL
     assert code == expected and marker.exists(), (run_dir / "predict.log").read_text()[-3000:]
-    if sigterm:
+    if how == "sigterm":
         assert "interrupted: the records written so far are kept" in (run_dir / "predict.log").read_text()
-    if preempt is True:  # Lightning saved its checkpoint and asked SLURM to requeue the job
+    if how == "preempt":  # Lightning saved its checkpoint and asked SLURM to requeue the job
         assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
         assert (run_dir / "hpc_ckpt_1.ckpt").exists()
     assert not (run_dir / "predictions.jsonl").exists()
