@@ -9,7 +9,7 @@ One model (by default the built-in tiny Qwen2, hidden 256, 4 layers, built on fi
 adapter of non-zero weights, ``--prompts`` TruthfulQA-style prompts of different lengths, decoded
 greedily in left-padded batches of ``--batch`` for ``--new-tokens`` tokens (no stop string, so
 every variant does the same work; EOS still stops a row), through
-:func:`svdecode_pl.generation.generate_token_ids`:
+:func:`svdecode_pl.evaluation.generation.generate_token_ids`:
 
 - ``plain``: ``generate`` (the adapted model), no steering;
 - ``plain + stop check``: the same with a stop string that never occurs (the stop-string check's cost);
@@ -62,8 +62,8 @@ QUESTIONS = [
 def load(name: str, vocab_size: int | None, device: str):
     from peft import LoraConfig, get_peft_model
 
-    from svdecode_pl.modeling import load_causal_lm, load_tokenizer, resolve_name_or_path
-    from svdecode_pl.tiny import TINY_MODELS, build_tiny_model, tiny_model_cache
+    from svdecode_pl.models.loading import load_causal_lm, load_tokenizer, resolve_name_or_path
+    from svdecode_pl.models.tiny import TINY_MODELS, build_tiny_model, tiny_model_cache
 
     if vocab_size:
         if name not in TINY_MODELS:
@@ -92,10 +92,10 @@ def lm_eval_parity(python: str, args) -> None:
     """Our plain greedy completions against lm-eval's, on a pre-trained tiny model whose
     embeddings are drawn with std ``--parity-embedding-std`` (the default tiny models, std 0.25,
     repeat one token forever)."""
-    from svdecode_pl.data.primer import QA_PRIMER
-    from svdecode_pl.generation import GenerationSettings, generate_texts
-    from svdecode_pl.modeling import load_causal_lm, load_tokenizer
-    from svdecode_pl.tiny import TINY_MODELS, build_tiny_model, tiny_model_cache
+    from svdecode_pl.corpus.primer import QA_PRIMER
+    from svdecode_pl.evaluation.generation import GenerationSettings, generate_texts
+    from svdecode_pl.models.loading import load_causal_lm, load_tokenizer
+    from svdecode_pl.models.tiny import TINY_MODELS, build_tiny_model, tiny_model_cache
 
     std = args.parity_embedding_std
     model_dir = tiny_model_cache() / f"{args.model}-std{std}"
@@ -153,9 +153,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from svdecode_pl.generation import GenerationSettings, generate_token_ids
-    from svdecode_pl.modeling import output_vocab_size
-    from svdecode_pl.steering import SteeringVector
+    from svdecode_pl.evaluation.generation import GenerationSettings, generate_token_ids
+    from svdecode_pl.models.heads import output_vocab_size
+    from svdecode_pl.steering.vector import SteeringVector
 
     if args.lm_eval_python:
         lm_eval_parity(args.lm_eval_python, args)

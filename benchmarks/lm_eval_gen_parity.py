@@ -36,13 +36,9 @@ import json
 import sys
 import time
 
-from svdecode_pl.data.primer import truthfulqa_gen_prompt
-from svdecode_pl.text_metrics import (
-    TRUTHFULQA_GEN_KEYS,
-    TruthfulQAGenMetrics,
-    truthfulqa_gen_references,
-    truthfulqa_gen_scores,
-)
+from svdecode_pl.corpus.primer import truthfulqa_gen_prompt
+from svdecode_pl.metrics.per_question import TruthfulQAGenMetrics
+from svdecode_pl.metrics.text import TRUTHFULQA_GEN_KEYS, truthfulqa_gen_references, truthfulqa_gen_scores
 
 
 def read_reference(path: str) -> tuple[list[dict], dict]:

@@ -11,7 +11,7 @@ a warm-up batch, and reports the time per calibration token and the peak extra r
 
 - ``forward``: one plain forward pass of the adapted and one of the base model (full logits),
   the floor any extraction pays;
-- ``ours``: :func:`svdecode_pl.calibration.accumulate_calibration`, what the steering callback
+- ``ours``: :func:`svdecode_pl.steering.calibration.accumulate_calibration`, what the steering callback
   runs (head applied ``--chunk-tokens`` positions at a time, sufficient statistics only);
 - ``naive``: the direct transcription: full-vocabulary logits of the whole batch from both
   models, log-softmaxes, the softmax Jacobian applied to all rows of the batch at once, and the
@@ -42,7 +42,7 @@ VOCAB = 151_936
 
 
 def build_model(directory: Path, hidden: int, layers: int) -> Path:
-    from svdecode_pl.tiny import build_tiny_model
+    from svdecode_pl.models.tiny import build_tiny_model
 
     return build_tiny_model(directory / f"tiny-{hidden}x{layers}-v{VOCAB}", "qwen2", hidden, layers, 4, 2,
                             vocab_size=VOCAB)
@@ -51,7 +51,7 @@ def build_model(directory: Path, hidden: int, layers: int) -> Path:
 def load(model_dir: str):
     from peft import LoraConfig, get_peft_model
 
-    from svdecode_pl.modeling import load_causal_lm
+    from svdecode_pl.models.loading import load_causal_lm
 
     model = load_causal_lm(model_dir)
     torch.manual_seed(0)
@@ -92,7 +92,7 @@ def run_forward(model, data: list[dict]) -> None:
 
 
 def run_ours(model, data: list[dict], chunk_tokens: int) -> dict:
-    from svdecode_pl.calibration import SteeringStatistics, accumulate_calibration
+    from svdecode_pl.steering.calibration import SteeringStatistics, accumulate_calibration
 
     stats = SteeringStatistics("static", VOCAB)
     accumulate_calibration(stats, model, data, chunk_tokens=chunk_tokens)

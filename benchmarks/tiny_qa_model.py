@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from svdecode_pl.data.primer import QA_PRIMER
-from svdecode_pl.tiny import TINY_MODELS, build_tiny_model
+from svdecode_pl.corpus.primer import QA_PRIMER
+from svdecode_pl.models.tiny import TINY_MODELS, build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"

@@ -8,7 +8,7 @@ questions of ../shared/data/truthfulqa/mc_task.json:
 
 1. Profile, in this process: tokenization (the data module's items), then plain scoring as
    `svdecode test` runs it, split into the primer cache, packing, the forward passes, the output
-   head, the log-softmax and the Python rest (``svdecode_pl.scoring.profiling``).
+   head, the log-softmax and the Python rest (``svdecode_pl.utils.profiling.profiling``).
 2. Tokens fed to the model: ours (padding included), lm-eval's (counted in its ``_model_call``,
    padding included) and the limits (one row per answer; question-level shared prefix; primer
    cached once; answers as a trie, which is what the default feeds).
@@ -16,7 +16,7 @@ questions of ../shared/data/truthfulqa/mc_task.json:
    its ``results.json``, against an lm-eval process (``truthfulqa_mc1`` + ``truthfulqa_mc2``,
    batch size 16, benchmarks/lm_eval_reference.py) from start to exit, on the same model and data;
    MC1 must be identical and MC2 within 1e-6.
-4. The floor of a whole run on this machine: the start-up of ``import svdecode_pl.lightning_cli`` in a fresh
+4. The floor of a whole run on this machine: the start-up of ``import svdecode_pl.cli.lightning`` in a fresh
    process, plus the tokenization, plus the model's linear layers alone on the tokens we feed (each
    timed on 2,048 rows, scaled), plus attention's two matrix products alone on the (query,
    visible key) pairs those tokens need (timed dense, scaled): no exact scoring of those tokens
@@ -41,12 +41,14 @@ from pathlib import Path
 
 import torch
 
-from svdecode_pl.allocator import keep_freed_memory
-from svdecode_pl.data.truthfulqa import TruthfulQADataModule
-from svdecode_pl.modeling import load_causal_lm
-from svdecode_pl.scoring import PrefixCache, continuation_trie, profiling
-from svdecode_pl.tasks import score_items
-from svdecode_pl.tiny import TINY_MODELS, build_tiny_model
+from svdecode_pl.evaluation.evaluator import score_items
+from svdecode_pl.evaluation.packing import continuation_trie
+from svdecode_pl.evaluation.scoring_job import PrefixCache
+from svdecode_pl.models.loading import load_causal_lm
+from svdecode_pl.models.tiny import TINY_MODELS, build_tiny_model
+from svdecode_pl.tasks.truthfulqa_mc import TruthfulQADataModule
+from svdecode_pl.utils.allocator import keep_freed_memory
+from svdecode_pl.utils.profiling import profiling
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "truthfulqa" / "mc_task.json"
@@ -153,13 +155,13 @@ def attention_floor(model: torch.nn.Module, pairs: int, device: str, n: int = 20
 
 
 def import_seconds(repeats: int = 3) -> float:
-    """Wall time of ``import svdecode_pl.lightning_cli`` (Lightning, torch, transformers, PEFT) in a fresh
+    """Wall time of ``import svdecode_pl.cli.lightning`` (Lightning, torch, transformers, PEFT) in a fresh
     process, fastest of ``repeats``: the start-up every ``svdecode fit|validate|test|predict`` pays."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import svdecode_pl.lightning_cli"], check=True, env=env,
+        subprocess.run([sys.executable, "-c", "import svdecode_pl.cli.lightning"], check=True, env=env,
                        capture_output=True)
         best = min(best, time.perf_counter() - start)
     return best
@@ -287,7 +289,7 @@ def main() -> None:
                 print()
             start_up = import_seconds()
             floor = start_up + prof["tokenization"] + prof["linear_floor"] + prof["attention_floor"]
-            print("floor of a whole run here: start-up (import svdecode_pl.lightning_cli, fastest of 3)"
+            print("floor of a whole run here: start-up (import svdecode_pl.cli.lightning, fastest of 3)"
                   f" {start_up:.1f} s"
                   f" + tokenization {prof['tokenization']:.1f} s + the linear layers alone on our tokens"
                   f" {prof['linear_floor']:.1f} s + attention's products alone on the visible pairs"

@@ -8,8 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 
-from svdecode_pl.calibration import SteeringStatistics, accumulate_calibration
-from svdecode_pl.modeling import load_causal_lm, output_vocab_size
+from svdecode_pl.models.heads import output_vocab_size
+from svdecode_pl.models.loading import load_causal_lm
+from svdecode_pl.steering.calibration import SteeringStatistics, accumulate_calibration
 
 MODES = ["static", "dynamic"]
 

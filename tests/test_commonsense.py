@@ -12,15 +12,20 @@ from conftest import real_data
 from lightning.pytorch import Trainer
 from peft import LoraConfig, get_peft_model
 
-from svdecode_pl.cli import run_cli
-from svdecode_pl.data import CommonsenseDataModule, DataFormatError
-from svdecode_pl.data.answers import answer_options, canonical_dataset, extract_answer
-from svdecode_pl.data.commonsense import read_records
-from svdecode_pl.items import CommonsenseChoiceItem, CommonsenseGenerationItem
-from svdecode_pl.modeling import adapter_disabled, load_causal_lm
-from svdecode_pl.module import SVDecodeModule
-from svdecode_pl.steering import SteeringVector
-from svdecode_pl.tasks import generate_ids, score_items
+from svdecode_pl.cli.entry import run_cli
+from svdecode_pl.evaluation.evaluator import generate_ids, score_items
+from svdecode_pl.models.heads import adapter_disabled
+from svdecode_pl.models.loading import load_causal_lm
+from svdecode_pl.recipes.module import SVDecodeModule
+from svdecode_pl.steering.vector import SteeringVector
+from svdecode_pl.tasks.commonsense import (
+    CommonsenseChoiceItem,
+    CommonsenseDataModule,
+    CommonsenseGenerationItem,
+    read_records,
+)
+from svdecode_pl.tasks.commonsense_answers import answer_options, canonical_dataset, extract_answer
+from svdecode_pl.utils.errors import DataFormatError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -319,8 +324,8 @@ def test_generate_plain_and_steered(data_dir, lora_model):
 
 @pytest.mark.parametrize("name", ["quickstart", "paper"])
 def test_configs_parse(name):
-    from svdecode_pl.data import TaskDataModule
-    from svdecode_pl.lightning_cli import SVDecodeCLI
+    from svdecode_pl.cli.lightning import SVDecodeCLI
+    from svdecode_pl.tasks.base import TaskDataModule
 
     configs = {"quickstart": ["commonsense/quickstart.yaml"],
                "paper": ["paper/trainer.yaml", "model/qwen2.5-7b.yaml", "peft/lora.yaml", "data/commonsense.yaml"]}

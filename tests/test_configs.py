@@ -10,11 +10,11 @@ import pytest
 from conftest import real_data
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from svdecode_pl.callbacks import SteeringVectorCallback
-from svdecode_pl.cli import run_cli
-from svdecode_pl.data.base import TaskDataModule
-from svdecode_pl.lightning_cli import SVDecodeCLI
-from svdecode_pl.module import SVDecodeModule
+from svdecode_pl.cli.entry import run_cli
+from svdecode_pl.cli.lightning import SVDecodeCLI
+from svdecode_pl.recipes.callbacks.steering import SteeringVectorCallback
+from svdecode_pl.recipes.module import SVDecodeModule
+from svdecode_pl.tasks.base import TaskDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

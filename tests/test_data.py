@@ -9,10 +9,11 @@ import pytest
 import torch
 from conftest import mc_records, real_data
 
-from svdecode_pl.data import DataFormatError, TruthfulQADataModule
-from svdecode_pl.data.primer import QA_PRIMER
-from svdecode_pl.data.records import read_mc_file
-from svdecode_pl.data.synthetic import synthetic_questions
+from svdecode_pl.corpus.primer import QA_PRIMER
+from svdecode_pl.corpus.synthetic import synthetic_questions
+from svdecode_pl.tasks.readers import read_mc_file
+from svdecode_pl.tasks.truthfulqa_mc import TruthfulQADataModule
+from svdecode_pl.utils.errors import DataFormatError
 
 
 def test_mc_task_json(mc_task_file):
@@ -133,7 +134,7 @@ def test_token_ids_match_the_tokenizer_and_items_skip_the_device_walk(mc_task_fi
     """Fast tokenizers encode through their Rust backend: the same ids as ``tokenizer(texts)``;
     evaluation batches (lists of items, no tensors) go to the device untouched, while the
     warm-start batches (dicts of tensors) still move."""
-    from svdecode_pl.data.base import token_ids
+    from svdecode_pl.evaluation.encoding import token_ids
 
     dm = TruthfulQADataModule(path=str(mc_task_file), train_fraction=0.0)
     dm.setup()

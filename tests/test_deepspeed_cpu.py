@@ -25,11 +25,11 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "deepspeed_cpu_lora.py"
 try:
-    import svdecode_pl.strategies  # noqa: F401
+    import svdecode_pl.recipes.strategies  # noqa: F401
 except ImportError:  # package not installed: use the work tree
     sys.path.insert(0, str(REPO))
 
-from svdecode_pl.strategies import CPUDeepSpeedStrategy  # noqa: E402
+from svdecode_pl.recipes.strategies import CPUDeepSpeedStrategy  # noqa: E402, F401
 
 TINY_QWEN2 = dict(
     vocab_size=320,
@@ -103,7 +103,8 @@ def test_optimizer_fits_the_strategy():
     offload run in test_distributed: constructing it compiles a C++ op)."""
     import lightning.pytorch as pl
 
-    from svdecode_pl.zero import build_optimizer, offloads_optimizer
+    from svdecode_pl.models.zero import offloads_optimizer
+    from svdecode_pl.recipes.optimizer import build_optimizer
 
     params = [torch.nn.Parameter(torch.ones(2))]
     sgd = build_optimizer(params, "sgd", 0.5, 0.0)
@@ -128,7 +129,7 @@ def test_strategy_config_fragments_instantiate(name, monkeypatch):
     from lightning.pytorch.demos.boring_classes import BoringModel
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-    from svdecode_pl.zero import offloads_optimizer
+    from svdecode_pl.models.zero import offloads_optimizer
 
     cfg = REPO / "configs" / "strategy" / name
     monkeypatch.setattr(sys, "argv", ["svdecode"])  # LightningCLI warns about pytest's own argv otherwise

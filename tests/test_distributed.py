@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from svdecode_pl.steering import SteeringVector
+from svdecode_pl.steering.vector import SteeringVector
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -131,8 +131,8 @@ def one_process_reference(
     mean of the ``world_size`` ranks' batch losses (what averaging data-parallel gradients gives)."""
     from lightning.pytorch import LightningDataModule
 
-    from svdecode_pl.lightning_cli import SVDecodeCLI
-    from svdecode_pl.module import SVDecodeModule
+    from svdecode_pl.cli.lightning import SVDecodeCLI
+    from svdecode_pl.recipes.module import SVDecodeModule
 
     cli_args = ["--config", QUICKSTART, *args, *DATA, "--trainer.accelerator", "cpu", "--trainer.logger", "false"]
     parsed = SVDecodeCLI(SVDecodeModule, LightningDataModule, subclass_mode_data=True, run=False, args=cli_args,
@@ -259,7 +259,7 @@ def test_resumable_loader_skips_the_batches_trained_on():
     a state taken at the end of an epoch skips nothing of the next."""
     from torch.utils.data import DistributedSampler
 
-    from svdecode_pl.data.resumable import ResumableDataLoader
+    from svdecode_pl.tasks.resumable import ResumableDataLoader
 
     def loader() -> ResumableDataLoader:
         sampler = DistributedSampler(range(16), num_replicas=2, rank=1, shuffle=True, seed=3)

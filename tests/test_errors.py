@@ -21,20 +21,20 @@ from conftest import mc_records
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from svdecode_pl.adapters import check_adapter, load_checked_adapter
-from svdecode_pl.cli import main
-from svdecode_pl.data.records import DataFormatError
-from svdecode_pl.errors import (
+from svdecode_pl.cli.entry import main
+from svdecode_pl.models.adapters import check_adapter, load_checked_adapter
+from svdecode_pl.models.heads import output_vocab_size
+from svdecode_pl.models.loading import load_causal_lm
+from svdecode_pl.steering.vector import FORMAT_VERSION, SteeringVector
+from svdecode_pl.utils.errors import (
     AdapterError,
+    DataFormatError,
     OptionError,
     SteeringArtifactError,
     UserInputError,
-    atomic_directory,
-    atomic_write_text,
     user_error_message,
 )
-from svdecode_pl.modeling import load_causal_lm, output_vocab_size
-from svdecode_pl.steering import FORMAT_VERSION, SteeringVector
+from svdecode_pl.utils.files import atomic_directory, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -69,7 +69,7 @@ def test_user_errors_are_one_line_and_bugs_are_none():
 def test_generation_settings_are_option_errors(settings, expected):
     """A bad ``--data.generation.*`` value is the user's: one line (``svdecode`` exits with 2, not
     a 100-line jsonargparse traceback)."""
-    from svdecode_pl.generation import GenerationSettings
+    from svdecode_pl.evaluation.generation import GenerationSettings
 
     with pytest.raises(OptionError) as caught:
         GenerationSettings(**settings)
@@ -77,7 +77,7 @@ def test_generation_settings_are_option_errors(settings, expected):
 
 
 def test_main_turns_user_errors_into_one_line_and_keeps_bugs(monkeypatch, capsys):
-    import svdecode_pl.cli as cli
+    import svdecode_pl.cli.entry as cli
 
     def user_mistake(args):
         raise DataFormatError("x.json: record 1: field 'question': missing or empty")
@@ -106,7 +106,7 @@ def test_main_destroys_the_process_group_before_exit(monkeypatch, tmp_path, outc
     fit (seen under srun: "terminate called without an active exception", the job FAILED)."""
     import torch.distributed as dist
 
-    import svdecode_pl.cli as cli
+    import svdecode_pl.cli.entry as cli
 
     def run(args):
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -224,7 +224,7 @@ def test_killed_save_leaves_the_previous_or_the_new_artifact(tmp_path):
     always loads, and its metadata and tensor belong to the same save."""
     path = _artifact(tmp_path, vocab=200_000)
     code = (
-        "import sys, torch\nfrom svdecode_pl.steering import SteeringVector\n"
+        "import sys, torch\nfrom svdecode_pl.steering.vector import SteeringVector\n"
         "print('ready', flush=True)\ni = 0\nwhile True:\n    i += 1\n"
         "    vector = SteeringVector(torch.full((200000,), float(i)), float(i), metadata={'vocab_size': 200000})\n"
         "    vector.save(sys.argv[1])\n"

@@ -1,6 +1,6 @@
 """Fuzzing every file format the project reads: valid files mutated at random (seeded) end either
 in success or in one clear error line through the CLI's own classification
-(:func:`svdecode_pl.errors.user_error_message`), never in a bug's traceback.
+(:func:`svdecode_pl.utils.errors.user_error_message`), never in a bug's traceback.
 
 Each data case goes through the task's data module as a run would: read, split, every warm-start
 sequence and every evaluation item built with the tiny model's tokenizer. The steering cases go
@@ -28,13 +28,13 @@ import pytest
 import torch
 from conftest import mc_records
 
-from svdecode_pl.data.commonsense import CommonsenseDataModule
-from svdecode_pl.data.completion import PromptCompletionDataModule
-from svdecode_pl.data.truthfulqa import TruthfulQADataModule
-from svdecode_pl.data.truthfulqa_gen import TruthfulQAGenerationDataModule
-from svdecode_pl.errors import user_error_message
-from svdecode_pl.modeling import load_tokenizer
-from svdecode_pl.steering import SteeringVector
+from svdecode_pl.models.loading import load_tokenizer
+from svdecode_pl.steering.vector import SteeringVector
+from svdecode_pl.tasks.commonsense import CommonsenseDataModule
+from svdecode_pl.tasks.completion import PromptCompletionDataModule
+from svdecode_pl.tasks.truthfulqa_gen import TruthfulQAGenerationDataModule
+from svdecode_pl.tasks.truthfulqa_mc import TruthfulQADataModule
+from svdecode_pl.utils.errors import user_error_message
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 20251123

@@ -8,10 +8,10 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-from svdecode_pl.generation import (
+from svdecode_pl.evaluation.dynamic import dynamic_steered_decode
+from svdecode_pl.evaluation.generation import (
     GenerationSettings,
     StopStringsCriteria,
-    dynamic_steered_decode,
     generate_sequences,
     generate_texts,
     generate_token_ids,
@@ -19,9 +19,10 @@ from svdecode_pl.generation import (
     stop_token_ids,
     stopping_criteria,
 )
-from svdecode_pl.modeling import hf_model, load_causal_lm, load_tokenizer, output_vocab_size
-from svdecode_pl.steering import SteeringVector, steering_direction
-from svdecode_pl.tiny import build_tiny_model
+from svdecode_pl.models.heads import hf_model, output_vocab_size
+from svdecode_pl.models.loading import load_causal_lm, load_tokenizer
+from svdecode_pl.models.tiny import build_tiny_model
+from svdecode_pl.steering.vector import SteeringVector, steering_direction
 
 ADAPTERS = {
     "lora": lambda: LoraConfig(r=4, task_type="CAUSAL_LM", init_lora_weights=False),
@@ -124,8 +125,8 @@ def test_beam_scores_are_steered_log_probabilities(model_dir, tokenizer, prompts
     """The best beam's score is the length-normalised sum of log_softmax(z + mu*d) of its tokens."""
     from transformers import LogitsProcessorList
 
-    from svdecode_pl.decoding import SteeringLogitsProcessor
-    from svdecode_pl.generation import checkpoint_defaults_ignored, generation_config
+    from svdecode_pl.evaluation.generation import checkpoint_defaults_ignored, generation_config
+    from svdecode_pl.steering.processor import SteeringLogitsProcessor
 
     model = peft_model(model_dir)
     settings = STRATEGIES["beams"]

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from svdecode_pl.metrics import PerQuestionMean, mc1_score, mc2_score, mc3_score
+from svdecode_pl.metrics.choice import mc1_score, mc2_score, mc3_score
+from svdecode_pl.metrics.per_question import PerQuestionMean
 
 
 def t(*values):

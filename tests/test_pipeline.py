@@ -9,9 +9,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from svdecode_pl.cli import run_cli
-from svdecode_pl.modeling import load_causal_lm
-from svdecode_pl.steering import SteeringVector
+from svdecode_pl.cli.entry import run_cli
+from svdecode_pl.models.loading import load_causal_lm
+from svdecode_pl.steering.vector import SteeringVector
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from svdecode_pl.callbacks.prediction_writer import complete_lines
-from svdecode_pl.modeling import load_causal_lm, output_vocab_size
-from svdecode_pl.steering import SteeringVector
+from svdecode_pl.models.heads import output_vocab_size
+from svdecode_pl.models.loading import load_causal_lm
+from svdecode_pl.recipes.callbacks.prediction_writer import complete_lines
+from svdecode_pl.steering.vector import SteeringVector
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"mc": ROOT / "configs" / "quickstart.yaml", "gen": ROOT / "configs" / "truthfulqa_gen" / "quickstart.yaml"}

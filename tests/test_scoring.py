@@ -6,10 +6,12 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-from svdecode_pl import scoring
-from svdecode_pl.modeling import hf_model, load_causal_lm, load_tokenizer, output_vocab_size
-from svdecode_pl.scoring import score_continuations, target_hidden_states
-from svdecode_pl.steering import SteeringVector, steering_direction
+from svdecode_pl.evaluation import packing, scoring
+from svdecode_pl.evaluation.scoring import score_continuations
+from svdecode_pl.models import heads
+from svdecode_pl.models.heads import hf_model, output_vocab_size, target_hidden_states
+from svdecode_pl.models.loading import load_causal_lm, load_tokenizer
+from svdecode_pl.steering.vector import SteeringVector, steering_direction
 
 ADAPTERS = {
     "none": lambda: None,
@@ -186,19 +188,19 @@ def test_matrix_product_rows_do_not_depend_on_the_other_rows():
     weight = torch.randn(1024, 256)
     rows = torch.randn(3000, 256)
     full = torch.nn.functional.linear(rows, weight)
-    for count in (scoring.MIN_GEMM_ROWS, 100, 257, 1999):
+    for count in (heads.MIN_GEMM_ROWS, 100, 257, 1999):
         for offset in (0, 5, 900):
             assert torch.equal(torch.nn.functional.linear(rows[offset : offset + count], weight),
                                full[offset : offset + count])
     hidden = torch.randn(70, 256)
     head = torch.nn.Linear(256, 1024, bias=False)
-    assert torch.equal(scoring.head_logits(head, hidden[:3]), scoring.head_logits(head, hidden)[:3])
+    assert torch.equal(heads.head_logits(head, hidden[:3]), heads.head_logits(head, hidden)[:3])
 
 
 def test_packed_attention_mask():
     """Context tokens see the context; an answer sees the context and itself, not other answers."""
     ends = torch.tensor([[5, 5, 4, 4, 5, 6]])  # context 2 tokens, answers of 2 and 1 tokens, padding
-    mask = scoring.packed_attention_mask(ends, past_length=2, dtype=None)[0, 0]
+    mask = packing.packed_attention_mask(ends, past_length=2, dtype=None)[0, 0]
     assert mask.shape == (6, 8) and mask[:, :2].all()
     expected = torch.tensor([
         [1, 0, 0, 0, 0, 0],
@@ -209,7 +211,7 @@ def test_packed_attention_mask():
         [0, 0, 0, 0, 0, 1],
     ], dtype=torch.bool)
     assert torch.equal(mask[:, 2:], expected)
-    additive = scoring.packed_attention_mask(ends, past_length=2, dtype=torch.float32)[0, 0]
+    additive = packing.packed_attention_mask(ends, past_length=2, dtype=torch.float32)[0, 0]
     assert torch.equal(additive == 0, mask)
 
 
@@ -219,8 +221,8 @@ def test_continuation_trie_rows():
     predicted by the state of its own prefix."""
     contexts = [[1, 2], [3]]
     answers = [[[5, 6, 7], [5, 6, 8], [5, 9], [4]], [[6], [6, 7]]]
-    tries = [scoring.continuation_trie(a) for a in answers]
-    rows = scoring.pack_rows(contexts, tries, pad_id=0, device="cpu", concatenate=True, min_length=10)
+    tries = [packing.continuation_trie(a) for a in answers]
+    rows = packing.pack_rows(contexts, tries, pad_id=0, device="cpu", concatenate=True, min_length=10)
     # question 0: context 1 2, trie 5 (depth 1) 6 (depth 2); question 1: context 3, trie 6; padding
     assert rows.ids.tolist() == [[1, 2, 5, 6, 3, 6, 0, 0, 0, 0]]
     assert rows.positions.tolist() == [[0, 1, 2, 3, 0, 1, 0, 0, 0, 0]]
@@ -233,7 +235,7 @@ def test_continuation_trie_rows():
     assert rows.expand.tolist() == flat
     assert rows.owner.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 5, 5]
     assert len(rows.targets) == 8  # 5 6 7 8 9 4 | 6 7: shared prefixes once
-    mask = scoring.packed_attention_mask(rows.ends[:, :4], past_length=0, dtype=None)[0, 0]
+    mask = packing.packed_attention_mask(rows.ends[:, :4], past_length=0, dtype=None)[0, 0]
     assert mask.tolist() == [[True, False, False, False], [True, True, False, False],
                              [True, True, True, False], [True, True, True, True]]
 

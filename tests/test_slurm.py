@@ -186,7 +186,7 @@ def _requeue_when(job_id: str, ready, what: str, log: Path) -> None:
 
 def _records_written(run_dir: Path) -> int:
     """Complete records in the prediction writer's part files (each starts with a signature line)."""
-    from svdecode_pl.callbacks.prediction_writer import complete_lines
+    from svdecode_pl.recipes.callbacks.prediction_writer import complete_lines
 
     return sum(max(len(complete_lines(part)) - 1, 0) for part in run_dir.glob("predictions.jsonl.part*"))
 

@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from svdecode_pl.calibration import SteeringStatistics
-from svdecode_pl.steering import SteeringVector, fine_tuning_gradient, steering_direction
+from svdecode_pl.steering.calibration import SteeringStatistics
+from svdecode_pl.steering.vector import SteeringVector, fine_tuning_gradient, steering_direction
 
 
 def kl(z: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from svdecode_pl.cli import run_cli
-from svdecode_pl.data.records import DataFormatError
-from svdecode_pl.report import DPI, FIGSIZE, METHOD_NAMES
-from svdecode_pl.sweep import load_spec
+from svdecode_pl.cli.entry import run_cli
+from svdecode_pl.cli.sweep import load_spec
+from svdecode_pl.results.report import DPI, FIGSIZE, METHOD_NAMES
+from svdecode_pl.utils.errors import DataFormatError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_report_and_sweep_start_without_lightning():
     import sys
 
     code = (
-        "import sys, svdecode_pl.cli, svdecode_pl.report, svdecode_pl.sweep, svdecode_pl.data.records\n"
+        "import sys, svdecode_pl.cli.entry, svdecode_pl.results.report, svdecode_pl.cli.sweep, svdecode_pl.tasks.readers\n"
         "heavy = sorted(m for m in ('lightning', 'torch', 'transformers', 'peft') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
         "from svdecode_pl.data import TruthfulQADataModule\n"  # the data modules still import on first use

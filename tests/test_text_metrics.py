@@ -10,12 +10,10 @@ import torch
 import torch.multiprocessing as mp
 from rouge_score import rouge_scorer, scoring
 
-from svdecode_pl.data.primer import QA_PRIMER, truthfulqa_gen_prompt
-from svdecode_pl.text_metrics import (
+from svdecode_pl.corpus.primer import QA_PRIMER, truthfulqa_gen_prompt
+from svdecode_pl.metrics.per_question import ExactMatch, PerQuestionScores, TruthfulQAGenMetrics
+from svdecode_pl.metrics.text import (
     TRUTHFULQA_GEN_KEYS,
-    ExactMatch,
-    PerQuestionScores,
-    TruthfulQAGenMetrics,
     exact_match,
     sentence_bleu,
     sentence_rouge,

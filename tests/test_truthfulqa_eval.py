@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import real_data
 
-from svdecode_pl.cli import run_cli
-from svdecode_pl.modeling import load_causal_lm, load_tokenizer
-from svdecode_pl.steering import SteeringVector
+from svdecode_pl.cli.entry import run_cli
+from svdecode_pl.models.loading import load_causal_lm, load_tokenizer
+from svdecode_pl.steering.vector import SteeringVector
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIMER_FIRST_LINE = "Q: What is human life expectancy in the United States?"
@@ -50,7 +50,7 @@ def answer_logprob(model, tokenizer, context: str, answer: str, shift: torch.Ten
 
 
 def reference_metrics(model, tokenizer, rows: list[dict], shift: torch.Tensor | None) -> dict[str, float]:
-    from svdecode_pl.data.primer import QA_PRIMER
+    from svdecode_pl.corpus.primer import QA_PRIMER
 
     assert QA_PRIMER.startswith(PRIMER_FIRST_LINE)
     mc1, mc2, mc3 = [], [], []

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 from conftest import real_data
 
-from svdecode_pl.cli import run_cli
-from svdecode_pl.data import DataFormatError, PromptCompletionDataModule, TruthfulQAGenerationDataModule
-from svdecode_pl.data.primer import QA_PRIMER
-from svdecode_pl.items import TruthfulQAGenerationItem
-from svdecode_pl.judges import Judge
-from svdecode_pl.text_metrics import TRUTHFULQA_GEN_KEYS
+from svdecode_pl.cli.entry import run_cli
+from svdecode_pl.corpus.primer import QA_PRIMER
+from svdecode_pl.evaluation.judges import Judge
+from svdecode_pl.metrics.text import TRUTHFULQA_GEN_KEYS
+from svdecode_pl.tasks.completion import PromptCompletionDataModule
+from svdecode_pl.tasks.truthfulqa_gen import TruthfulQAGenerationDataModule, TruthfulQAGenerationItem
+from svdecode_pl.utils.errors import DataFormatError
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "truthfulqa_gen" / "quickstart.yaml")

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import Qwen2ForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
-from svdecode_pl.strategies import CPUDeepSpeedStrategy  # noqa: E402
+from svdecode_pl.recipes.strategies import CPUDeepSpeedStrategy  # noqa: E402, F401
 
 torch.set_num_threads(1)  # 2 ranks on 2 cores
 warnings.filterwarnings("error", message=".*LoRA tensor\\(s\\) have invalid shape.*")  # PEFT: saved ungathered shards

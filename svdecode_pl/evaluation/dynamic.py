@@ -1,0 +1,185 @@
+"""Dynamic steering's own decoding loop: the adapted and the base model side by side, each
+with its key/value cache, the direction recomputed from both logits at every step."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    LogitsProcessorList,
+    StoppingCriteriaList,
+)
+
+from svdecode_pl.evaluation.generation_settings import GenerationSettings, sampling_warpers
+from svdecode_pl.models.heads import hf_model, hidden_states_as_logits, is_peft_model, is_prompt_learning
+from svdecode_pl.steering.vector import SteeringVector
+
+
+@dataclass
+class DynamicDecodeOutput:
+    """What :func:`dynamic_steered_decode` produced."""
+
+    sequences: torch.Tensor
+    """(B, L + new) prompt and generated ids (pad after a row ends)."""
+    adapted_logits: list[torch.Tensor] = field(default_factory=list)
+    """Per step, the adapted model's (B, V) float32 logits (with ``keep_logits`` only)."""
+    base_logits: list[torch.Tensor] = field(default_factory=list)
+    """Per step, the pre-trained model's (B, V) float32 logits (with ``keep_logits`` only)."""
+
+
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded mask, as ``generate`` makes them: real tokens count from 0, pads are 0."""
+    return (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 0)
+
+
+class AdapterSwitch:
+    """Turns a PeftModel's adapter layers off and on around one forward pass, cheaply.
+
+    PEFT's ``disable_adapter()`` context inspects every module (``get_model_status``) and resets
+    ``requires_grad`` on each use, which costs more than a tiny model's decoding step; here the
+    tuner layers are collected once and only their disable flag (what their forward reads) flips.
+    Prompt learning has no adapter layers: its pre-trained model is the wrapped model itself.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        kinds = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+        self.layers = [m for m in model.modules() if isinstance(m, kinds) and hasattr(m, "_disable_adapters")]
+
+    @contextlib.contextmanager
+    def off(self) -> Iterator[None]:
+        states = [layer._disable_adapters for layer in self.layers]
+        try:
+            for layer in self.layers:
+                layer._disable_adapters = True
+            yield
+        finally:
+            for layer, state in zip(self.layers, states):
+                layer._disable_adapters = state
+
+
+class CachedStream:
+    """One model state (adapted or pre-trained) decoding a left-padded batch with its own KV cache.
+
+    Prompt Tuning / P-Tuning put their virtual tokens in front of the batch (``virtual_tokens``
+    columns of mask, positions counted from them, as PEFT's forward does for one unpadded row);
+    Prefix Tuning puts them in the cache. The pre-trained state sees the real tokens only.
+    Each pass returns the last position's final hidden states: the caller applies the output
+    head to both states at once (:func:`dynamic_steered_decode`).
+    """
+
+    def __init__(self, model: nn.Module, adapted: bool, attention_mask: torch.Tensor) -> None:
+        self.model = model
+        self.adapted = adapted
+        self.inner = hf_model(model)
+        self.prompt_learning = adapted and is_prompt_learning(model)
+        self.virtual_tokens = model.active_peft_config.num_virtual_tokens if self.prompt_learning else 0
+        batch = attention_mask.shape[0]
+        ones = attention_mask.new_ones(batch, self.virtual_tokens)
+        full = torch.cat([ones, attention_mask], dim=1)
+        # generate drops an all-ones mask (no padding): do the same, for the same kernels
+        self.mask: torch.Tensor | None = None if bool(attention_mask.all()) else full
+        self.next_position = positions_of(full)[:, -1:] + 1
+        self.prefill_positions = positions_of(full)
+        self.cache: Any = None
+        keep = "logits_to_keep" in inspect.signature(self.inner.forward).parameters
+        self.extra = {"logits_to_keep": 1} if keep else {}
+        self.switch = AdapterSwitch(model) if not adapted and is_peft_model(model) else None
+
+    def _forward(self, **inputs: Any) -> torch.Tensor:
+        switch = contextlib.nullcontext() if self.switch is None else self.switch.off()
+        with switch, hidden_states_as_logits(self.model):
+            # the adapted state of LoRA / IA3 runs through the PeftModel; prompt learning and the
+            # base state call the transformers model (virtual tokens are handled here)
+            runner = self.model if self.adapted and not self.prompt_learning else self.inner
+            out = runner(attention_mask=self.mask, past_key_values=self.cache, use_cache=True, **inputs, **self.extra)
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Encode the prompts; the last position's hidden states."""
+        positions = self.prefill_positions
+        if not self.prompt_learning:
+            return self._forward(input_ids=input_ids, position_ids=positions)
+        peft_model = self.model
+        batch = input_ids.shape[0]
+        if peft_model.active_peft_config.peft_type == "PREFIX_TUNING":
+            self.cache = peft_model.get_prompt(batch, max_cache_len=input_ids.shape[1] + self.virtual_tokens)
+            return self._forward(input_ids=input_ids, position_ids=positions[:, self.virtual_tokens :])
+        embeds = self.inner.get_input_embeddings()(input_ids)
+        prompts = peft_model.get_prompt(batch_size=batch).to(embeds.dtype)
+        return self._forward(inputs_embeds=torch.cat([prompts, embeds], dim=1), position_ids=positions)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one new token per row (B,); the hidden states that predict the next one."""
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        hidden = self._forward(input_ids=tokens[:, None], position_ids=self.next_position)
+        self.next_position = self.next_position + 1
+        return hidden
+
+
+@torch.no_grad()
+def dynamic_steered_decode(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: GenerationSettings,
+    steering: SteeringVector,
+    criteria: StoppingCriteriaList,
+    pad_id: int,
+    keep_logits: bool = False,
+) -> DynamicDecodeOutput:
+    """Greedy or sampled decoding of a left-padded batch with steering recomputed at every step.
+
+    Per step the adapted and the pre-trained model each run once on the new token with their
+    own KV cache (no re-encoding); the output head maps both states' hidden states in one matrix
+    product (its weights are read once: at a 152k vocabulary the head is most of a small
+    model's step), and the token is chosen from ``steering.steer(adapted, base)``
+    as ``generate`` would choose it from logits (same warpers, same ``multinomial`` draw, pad
+    after a row has stopped), so a zero ``mu`` gives ``generate``'s tokens.
+    """
+    if settings.num_beams != 1:
+        raise ValueError("dynamic steering decodes greedily or by sampling: num_beams must be 1")
+    warpers = sampling_warpers(settings) if settings.do_sample else LogitsProcessorList()
+    adapted_stream = CachedStream(model, True, attention_mask)
+    base_stream = CachedStream(model, False, attention_mask)
+    head = hf_model(model).get_output_embeddings()
+    batch = input_ids.shape[0]
+
+    def logits_of(adapted_hidden: torch.Tensor, base_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(torch.cat([adapted_hidden, base_hidden])).float()
+        return logits[:batch], logits[batch:]
+
+    adapted, base = logits_of(adapted_stream.prefill(input_ids), base_stream.prefill(input_ids))
+    output = DynamicDecodeOutput(input_ids)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    pad_eos = any(hasattr(c, "eos_token_id") for c in criteria)
+    sequences = input_ids
+    while True:
+        if keep_logits:
+            output.adapted_logits.append(adapted.clone())
+            output.base_logits.append(base.clone())
+        scores = steering.steer(adapted, base)
+        if settings.do_sample:
+            probs = torch.softmax(warpers(sequences, scores), dim=-1)
+            tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        if pad_eos:
+            tokens = tokens * unfinished + pad_id * (1 - unfinished)
+        sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
+        unfinished = unfinished & ~criteria(sequences, None)
+        if unfinished.max() == 0:
+            break
+        adapted, base = logits_of(adapted_stream.step(tokens), base_stream.step(tokens))
+    output.sequences = sequences
+    return output

@@ -1,0 +1,143 @@
+"""Extract the steering vector at the end of warm-start; attach it for test and predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from tqdm.auto import tqdm
+
+from svdecode_pl.models.zero import full_output_head
+from svdecode_pl.steering.calibration import SteeringStatistics, accumulate_calibration
+from svdecode_pl.steering.vector import SteeringMode, SteeringVector
+
+
+class SteeringVectorCallback(Callback):
+    """At ``fit`` end: one pass over the calibration data with the adapter on and off, the
+    steering direction, its confidence filter and mu*, saved as an artifact next to the
+    checkpoints (``<dirpath>/steering``). At ``test``/``predict`` start: load that artifact
+    (if the module has no vector yet) and check it matches the model's vocabulary and tokenizer.
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        mode: SteeringMode = "static",
+        confidence_threshold: float = 0.0,
+        eps: float = 1e-8,
+        mu: float | None = None,
+        mu_scale: float = 1.0,
+        calibration: Literal["train", "validation"] = "train",
+        dirpath: str | None = None,
+        mu_grid: list[float] | None = None,
+        mu_grid_relative: bool = True,
+    ) -> None:
+        """
+        Args:
+            enabled: Extract and apply a steering vector (false: the warm-started model alone).
+            mode: ``static``: one task-level direction, a fixed logit shift; ``dynamic``: the
+                direction recomputed at each position from the adapted and base logits.
+            confidence_threshold: Vocabulary entries with warm-started probability below this
+                are zeroed in the direction (0.0 filters nothing).
+            eps: Added to the denominator of mu*.
+            mu: A fixed strength that overrides mu* (also when loading an artifact).
+            mu_scale: Multiplies the strength (mu* or ``mu``).
+            calibration: The data split the vector is extracted from.
+            dirpath: Where the ``steering`` artifact goes (default: ``trainer.default_root_dir``).
+            mu_grid: Strengths at which ``test`` also scores every question, from the same forward
+                pass: the metric as a function of mu, in results.json ``mu_curve`` (null: none).
+            mu_grid_relative: ``mu_grid`` values are multiples of mu* (false: absolute strengths).
+        """
+        super().__init__()
+        if mode not in ("static", "dynamic"):
+            raise ValueError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+        self.mode: SteeringMode = mode
+        self.confidence_threshold = confidence_threshold
+        self.eps = eps
+        self.mu = mu
+        self.mu_scale = mu_scale
+        self.calibration = calibration
+        self.dirpath = dirpath
+        self.enabled = enabled
+        self.mu_grid = None if mu_grid is None else [float(m) for m in mu_grid]
+        self.mu_grid_relative = mu_grid_relative
+
+    def grid_strengths(self, vector: SteeringVector) -> list[float] | None:
+        """The absolute strengths of ``mu_grid`` for this vector (multiples of its mu*)."""
+        if not self.mu_grid:
+            return None
+        mu_star = vector.metadata.get("mu_star", vector.mu)
+        return [m * mu_star + 0.0 for m in self.mu_grid] if self.mu_grid_relative else list(self.mu_grid)
+
+    def artifact_dir(self, trainer: Trainer) -> Path:
+        return Path(self.dirpath or trainer.default_root_dir) / "steering"
+
+    @torch.no_grad()
+    def extract(self, trainer: Trainer, pl_module: LightningModule) -> SteeringVector:
+        """Stream the calibration split once (sharded over processes) and fit the vector."""
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        loader = trainer.datamodule.lm_dataloader(
+            self.calibration, rank=trainer.global_rank, world_size=trainer.world_size
+        )
+        stats = SteeringStatistics(self.mode, pl_module.vocab_size, self.confidence_threshold).to(pl_module.device)
+        with full_output_head(model, trainer) as head:
+            try:
+                batches = tqdm(loader, desc="Steering vector", unit="batch", leave=False,
+                               disable=not (trainer.is_global_zero and trainer.progress_bar_callback is not None))
+                accumulate_calibration(stats, model, batches, head, pl_module.hparams.chunk_tokens, pl_module.device)
+            except ValueError as err:
+                raise ValueError(f"{err} (split {self.calibration!r})") from None
+        model.train(was_training)
+        metadata = pl_module.steering_metadata()
+        metadata["calibration"] = self.calibration
+        return stats.steering_vector(eps=self.eps, mu=self.mu, mu_scale=self.mu_scale, metadata=metadata)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.enabled:
+            return
+        vector = self.extract(trainer, pl_module)
+        vector.metadata["warm_start_steps"] = trainer.global_step
+        pl_module.steering_vector = vector
+        summary = {
+            "steering/mu_star": vector.metadata["mu_star"],
+            "steering/token_count": float(vector.metadata["token_count"]),
+            "steering/filtered_share": vector.metadata["filtered_share"],
+        }
+        if vector.direction is not None:
+            summary["steering/direction_norm"] = float(vector.direction.norm())
+        for logger in trainer.loggers:
+            logger.log_metrics(summary, step=trainer.global_step)
+        if trainer.is_global_zero:
+            path = vector.save(self.artifact_dir(trainer))
+            rank_zero_info(f"steering vector ({vector}) saved to {path}")
+
+    def _attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.enabled:
+            return
+        if pl_module.steering_vector is not None:
+            pl_module.mu_grid = self.grid_strengths(pl_module.steering_vector)
+            return
+        path = self.artifact_dir(trainer)
+        if not path.exists():
+            rank_zero_info(f"no steering vector at {path}: scoring without steering")
+            return
+        vector = SteeringVector.load(path)
+        fingerprint = pl_module.steering_metadata()["tokenizer_fingerprint"]
+        vector.check_compatible(pl_module.vocab_size, fingerprint, source=str(path / "steering_vector.json"))
+        if self.mu is not None or self.mu_scale != 1.0:
+            base = self.mu if self.mu is not None else vector.metadata.get("mu_star", vector.mu)
+            vector.mu = base * self.mu_scale
+        pl_module.steering_vector = vector
+        pl_module.mu_grid = self.grid_strengths(vector)
+        rank_zero_info(f"loaded {vector} from {path}")
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._attach(trainer, pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._attach(trainer, pl_module)

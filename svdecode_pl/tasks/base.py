@@ -1,0 +1,226 @@
+"""The declared interface of every task's data module, and what the task modules share.
+
+:class:`TaskDataModule` is what the LightningModule, the steering callback, the results and the
+CLI rely on: a task name, the metric names it reports, where its data came from, the
+prompt+target loader of warm-start and calibration, and the loader of evaluation items
+(:mod:`svdecode_pl.evaluation.items`). A new task subclasses it and implements :meth:`lm_examples`,
+:meth:`eval_items` and :meth:`load_split`; the CLI accepts any subclass as ``data.class_path``.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, DistributedSampler
+
+from svdecode_pl.evaluation.items import ChoiceItem, EvalItem
+from svdecode_pl.models.loading import load_tokenizer, resolve_name_or_path
+from svdecode_pl.tasks.resumable import ResumableDataLoader
+from svdecode_pl.utils.errors import DataFormatError
+
+Split = Literal["train", "validation", "test"]
+
+
+@dataclass
+class LMExample:
+    """A prompt+target token sequence; the loss (and the calibration) is on the target tokens."""
+
+    input_ids: list[int]
+    num_context: int
+    padding: bool = False
+    """A copy that evens out the shards of a sharded loader; its tokens count for nothing."""
+
+
+def seeded_splits(items: Sequence[Any], seed: int, train_fraction: float, val_fraction: float) -> dict[str, list]:
+    """A seeded shuffle cut into train / validation / test, each kept in file order."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_train = round(train_fraction * len(order))
+    n_val = round(val_fraction * len(order))
+    pick = lambda idx: [items[i] for i in sorted(idx)]  # noqa: E731
+    return {
+        "train": pick(order[:n_train]),
+        "validation": pick(order[n_train : n_train + n_val]),
+        "test": pick(order[n_train + n_val :]),
+    }
+
+
+def collate_lm(batch: list[LMExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad prompt+target sequences; ``target_mask`` marks the tokens the loss is on."""
+    length = max(len(example.input_ids) for example in batch)
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+    target_mask = torch.zeros((len(batch), length), dtype=torch.bool)
+    for row, example in enumerate(batch):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        attention_mask[row, :n] = 1
+        if not example.padding:
+            target_mask[row, example.num_context : n] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
+
+
+def lm_loader(
+    examples: list[LMExample], batch_size: int, pad_id: int, seed: int, shuffle: bool = False, rank: int = 0,
+    world_size: int = 1, num_workers: int = 0,
+) -> DataLoader:
+    """Loader of prompt+target sequences for warm-start and steering calibration.
+
+    ``shuffle``: a DistributedSampler seeded by ``seed`` (the order depends on seed and epoch
+    only, so a resumed run sees the batches an uninterrupted one would, also from the middle of
+    an epoch: a ``ResumableDataLoader``). Otherwise, with
+    ``world_size`` > 1, the ``rank``-th shard; every shard has the same length (ranks of a sharded
+    model must run the same number of forward passes), the shortest padded with copies flagged
+    ``padding`` whose tokens count for nothing.
+    """
+    sampler = None
+    if shuffle:
+        sampler = DistributedSampler(examples, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    elif world_size > 1:
+        per_rank = -(-len(examples) // world_size)
+        shard = examples[rank::world_size]
+        pad = LMExample(examples[0].input_ids, examples[0].num_context, padding=True)
+        examples = shard + [pad] * (per_rank - len(shard))
+    return ResumableDataLoader(examples, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                               collate_fn=functools.partial(collate_lm, pad_id=pad_id))
+
+
+def mark_shared_prefix(items: list[EvalItem], min_tokens: int = 8) -> list[EvalItem]:
+    """Store in each choice item how many leading context tokens all items share (the primer), so
+    scoring encodes them once. Computed over the whole split, so every process agrees."""
+    if len(items) < 2 or not all(isinstance(item, ChoiceItem) for item in items):
+        return items
+    first = items[0].context_ids
+    shared = len(first)
+    for item in items[1:]:
+        ids = item.context_ids
+        limit = min(shared, len(ids))
+        shared = next((i for i in range(limit) if ids[i] != first[i]), limit)
+    for item in items:
+        item.shared_prefix_len = shared if shared >= min_tokens else 0
+    return items
+
+
+def collate_items(batch: list[EvalItem]) -> list[EvalItem]:
+    """Evaluation items stay a list: each is scored or decoded with its own context."""
+    return batch
+
+
+class TaskDataModule(LightningDataModule):
+    """A task's data: warm-start and calibration sequences, evaluation items, and what is reported.
+
+    Subclasses set :attr:`task_name`, store ``tokenizer``, ``batch_size``, ``eval_batch_size``,
+    ``seed`` and ``num_workers`` in their hyperparameters (``save_hyperparameters``), and implement
+    :meth:`load_split`, :meth:`lm_example` and :meth:`eval_item`.
+    """
+
+    #: the task's name in results.json and reports
+    task_name: str = "task"
+    #: the metrics every item of the task feeds, in report order
+    task_metrics: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer = None
+        self.splits: dict[str, list] = {}
+
+    # -- what a task declares -----------------------------------------------------------------
+
+    @property
+    def metric_names(self) -> list[str]:
+        """What results.json reports, in order."""
+        return list(self.task_metrics)
+
+    @property
+    def source(self) -> str:
+        """Where the data came from (a path, a hub id, a generated task), for results.json."""
+        raise NotImplementedError
+
+    def load_split(self, name: Split) -> list:
+        """The examples of a split (read on first use)."""
+        raise NotImplementedError
+
+    def lm_example(self, example: Any) -> LMExample:
+        """An example as a prompt+target sequence (warm-start and calibration)."""
+        raise NotImplementedError
+
+    def eval_item(self, example: Any, uid: int) -> EvalItem:
+        """An example as an evaluation item (test and predict)."""
+        raise NotImplementedError
+
+    def eval_groups(self, split: Split = "test") -> list[str]:
+        """The groups (e.g. TruthfulQA categories) a split's items belong to, reported one by one
+        in results.json; the same list on every process. Default: none."""
+        return []
+
+    def generation_settings(self) -> Any:
+        """How generation items are decoded (a :class:`~svdecode_pl.evaluation.generation_settings.GenerationSettings`);
+        None for a task without generation items."""
+        return None
+
+    def finish_records(self, records: list, device: torch.device | str = "cpu") -> list:
+        """A last pass over a batch's records (e.g. judges scoring the generations); default none."""
+        return records
+
+    # -- shared machinery ---------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Runs once per node before ``setup``: builds a built-in tiny model if needed."""
+        resolve_name_or_path(self.hparams.tokenizer)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+
+    def split(self, name: Split) -> list:
+        if self.tokenizer is None:
+            TaskDataModule.setup(self)
+        if name not in self.splits:
+            self.splits[name] = self.load_split(name)
+        return self.splits[name]
+
+    def lm_dataloader(self, split: Split, shuffle: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Prompt+target sequences of a split, for warm-start and steering calibration (the
+        ``rank``-th of ``world_size`` equal shards, see :func:`lm_loader`)."""
+        examples = [self.lm_example(example) for example in self.split(split)]
+        if not examples:
+            raise DataFormatError(f"{self.source}: split {split!r} is empty (check the split settings)")
+        hp = self.hparams
+        return lm_loader(examples, hp.batch_size, self.tokenizer.pad_token_id, hp.seed, shuffle, rank, world_size,
+                         hp.num_workers)
+
+    def eval_items(self, split: Split = "test") -> list[EvalItem]:
+        """Every example of a split as an evaluation item, in split order (``uid`` = position)."""
+        return mark_shared_prefix([self.eval_item(example, uid) for uid, example in enumerate(self.split(split))])
+
+    def scoring_dataloader(self, split: Split = "test") -> DataLoader:
+        return DataLoader(self.eval_items(split), batch_size=self.hparams.eval_batch_size,
+                          num_workers=self.hparams.num_workers, collate_fn=collate_items)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return self.lm_dataloader("train", shuffle=True, rank=rank, world_size=world)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self.lm_dataloader("validation") if self.split("validation") else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self.scoring_dataloader("test")
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Evaluation items hold token ids as lists (scoring builds its tensors on the model's
+        device): Lightning's walk through every field and list of a batch cost 2 s per TruthfulQA
+        run for nothing."""
+        if isinstance(batch, list) and all(isinstance(item, EvalItem) for item in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.scoring_dataloader("test")

@@ -1,0 +1,287 @@
+"""TruthfulQA generation as a task data module: warm-start on the best answers, then decode each
+test question (plain and steered) and score it as lm-evaluation-harness's ``truthfulqa_gen`` does
+(BLEU/ROUGE against the true and false references), optionally with truth/info judges.
+
+Sources: ``TruthfulQA.csv``, the hub's ``truthful_qa`` ``generation`` config (or its JSON/JSONL
+export: ``question``, ``best_answer``, ``correct_answers``, ``incorrect_answers``, ``category``),
+or a generated TruthfulQA-like task (the embedded default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from svdecode_pl.corpus.primer import QA_PRIMER, truthfulqa_gen_prompt
+from svdecode_pl.corpus.synthetic import synthetic_questions
+from svdecode_pl.evaluation.encoding import encode_prompt_target
+from svdecode_pl.evaluation.generation_settings import GenerationSettings
+from svdecode_pl.evaluation.items import GenerationItem, GenerationRecord
+from svdecode_pl.evaluation.judges import INFO_SUFFIX, TRUTH_SUFFIX, Judge, JudgeSettings, truth_info_scores
+from svdecode_pl.metrics.text import TRUTHFULQA_GEN_KEYS, split_answer_cell, truthfulqa_gen_references
+from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule, seeded_splits
+from svdecode_pl.tasks.readers import read_csv_rows, read_json_rows
+from svdecode_pl.utils.errors import DataFormatError, OptionError
+
+JUDGE_METRICS = ("truth", "info", "truth_info")
+
+
+@dataclass
+class GenerationQuestion:
+    """A TruthfulQA question with its reference answers."""
+
+    id: str
+    index: int
+    question: str
+    best_answer: str
+    correct_answers: list[str]
+    incorrect_answers: list[str]
+    category: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _fail(source: str, index: int, name: str, problem: str) -> DataFormatError:
+    return DataFormatError(f"{source}: record {index}: field {name!r}: {problem}")
+
+
+def _answers(value: Any, source: str, index: int, name: str) -> list[str]:
+    answers = split_answer_cell(value) if isinstance(value, str) else value
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise _fail(source, index, name, "expected a list of strings or a '; '-separated string")
+    answers = [a.strip() for a in answers if a.strip()]
+    if not answers:
+        raise _fail(source, index, name, "no answers")
+    return answers
+
+
+def parse_generation_record(raw: Any, source: str, index: int) -> GenerationQuestion:
+    """A record of the hub's ``generation`` form (snake_case keys) or a ``TruthfulQA.csv`` row."""
+    if not isinstance(raw, dict):
+        raise DataFormatError(f"{source}: record {index}: expected a JSON object, got {type(raw).__name__}")
+    keys = {"question": "Question", "best_answer": "Best Answer", "correct_answers": "Correct Answers",
+            "incorrect_answers": "Incorrect Answers", "category": "Category"}
+    value = {k: raw.get(k, raw.get(csv_key)) for k, csv_key in keys.items()}
+    for name in ("question", "best_answer"):
+        if not isinstance(value[name], str) or not value[name].strip():
+            raise _fail(source, index, name, "missing or empty" if not value[name] else "not a string")
+    category = value["category"]
+    if category is not None and not isinstance(category, str):
+        raise _fail(source, index, "category", f"expected a string, got {type(category).__name__}")
+    return GenerationQuestion(
+        id=str(raw.get("id", index)),
+        index=index,
+        question=value["question"].strip(),
+        best_answer=value["best_answer"].strip(),
+        correct_answers=_answers(value["correct_answers"], source, index, "correct_answers"),
+        incorrect_answers=_answers(value["incorrect_answers"], source, index, "incorrect_answers"),
+        category=category or None,
+    )
+
+
+def read_generation_file(path: str | Path) -> list[GenerationQuestion]:
+    """TruthfulQA generation questions from ``TruthfulQA.csv`` or a JSON/JSONL file of the hub's form."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        rows = read_csv_rows(path)[1]
+    elif path.suffix in (".json", ".jsonl"):
+        rows = read_json_rows(path)
+    else:
+        raise DataFormatError(f"{path}: unknown format (expected .csv, .json or .jsonl)")
+    if not rows:
+        raise DataFormatError(f"{path}: file has no records")
+    return [parse_generation_record(row, str(path), index) for index, row in enumerate(rows)]
+
+
+def synthetic_generation_questions(num_questions: int, seed: int = 0) -> list[GenerationQuestion]:
+    """The embedded default task (:mod:`svdecode_pl.corpus.synthetic`) in the generation form; its
+    two kinds of questions are its two categories."""
+    questions = []
+    for index, mc in enumerate(synthetic_questions(num_questions, seed)):
+        true = [a for a, label in zip(mc.mc2_choices, mc.mc2_labels) if label]
+        false = [a for a, label in zip(mc.mc2_choices, mc.mc2_labels) if not label]
+        category = "Superstitions" if index % 2 == 0 else "Colors"
+        questions.append(GenerationQuestion(mc.id, index, mc.question, mc.best_answer, true, false, category))
+    return questions
+
+
+@dataclass(kw_only=True)
+class TruthfulQAGenerationItem(GenerationItem):
+    """A TruthfulQA question answered in free text, scored by BLEU/ROUGE against the true and false
+    references as lm-eval's ``truthfulqa_gen`` scores it (judges add %Truth/%Info afterwards)."""
+
+    question: str
+    true_refs: list[str]
+    false_refs: list[str]
+
+    def grade(self, text: str) -> tuple[str | None, dict[str, float]]:
+        from svdecode_pl.metrics.text import truthfulqa_gen_scores
+
+        return None, truthfulqa_gen_scores(text, self.true_refs, self.false_refs)
+
+    def record_fields(self, choices: dict[str, str | None]) -> dict[str, Any]:
+        return {"question": self.question}
+
+
+class TruthfulQAGenerationDataModule(TaskDataModule):
+    """TruthfulQA generation: warm-start target ``"\\nA: " + best answer + "\\n\\n"`` after
+    lm-eval's prompt (the primer, then ``\\n\\nQ: {question}``), so the model learns to answer in
+    the primer's format and to stop; test: greedy decoding up to ``\\n\\n`` and lm-eval's
+    BLEU/ROUGE, plus %Truth/%Info/%Truth*Info when ``judges`` are set.
+
+    Source, in this order: ``path``, else ``synthetic_questions`` > 0, else the hub dataset. A
+    seeded shuffle gives the warm-start, validation and test splits, as for TruthfulQA MC (with the
+    same seed and fractions, the same questions land in the same split in both tasks).
+    """
+
+    task_name = "truthfulqa_gen"
+    task_metrics = TRUTHFULQA_GEN_KEYS
+
+    def __init__(
+        self,
+        tokenizer: str = "svdecode-tiny",
+        path: str | None = None,
+        synthetic_questions: int = 0,
+        hub_id: str = "truthfulqa/truthful_qa",
+        hub_config: str = "generation",
+        hub_split: str = "validation",
+        train_fraction: float = 0.5,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        limit: int | None = None,
+        generation: GenerationSettings | None = None,
+        judges: JudgeSettings | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            tokenizer: Tokenizer name or path (linked to ``--model.name_or_path`` by the CLI).
+            path: Local ``TruthfulQA.csv`` or JSON/JSONL of the hub's generation form.
+            synthetic_questions: Number of generated questions (the embedded default task).
+            hub_id: Hub dataset id, used when neither ``path`` nor the generated task is set.
+            hub_config: Hub dataset configuration.
+            hub_split: Hub dataset split.
+            train_fraction: Share of the questions that warm-start the adapter (0: all test).
+            val_fraction: Share held out for calibration or validation.
+            seed: Seed of the question shuffle that makes the splits.
+            limit: Use only the first ``limit`` questions (after loading, before splitting).
+            generation: Decoding settings (default: lm-eval's, greedy, stop at ``\\n\\n``, 256 new tokens).
+            judges: Truth/info judge models (default: none; BLEU/ROUGE only).
+            batch_size: Warm-start and calibration batch size (sequences).
+            eval_batch_size: Questions decoded per batch (left-padded).
+            num_workers: DataLoader workers.
+        """
+        super().__init__()
+        if not 0.0 <= train_fraction <= 1.0 or not 0.0 <= val_fraction <= 1.0 - train_fraction:
+            raise OptionError(f"--data.train_fraction {train_fraction}, --data.val_fraction {val_fraction}: need "
+                              "0 <= train_fraction <= 1 and 0 <= val_fraction <= 1 - train_fraction")
+        self.save_hyperparameters()
+        self.generation = generation or GenerationSettings()
+        self.judges = judges
+        self._judges: dict[str, Judge] = {}
+
+    @property
+    def source(self) -> str:
+        hp = self.hparams
+        if hp.path:
+            return str(hp.path)
+        return f"synthetic({hp.synthetic_questions}, seed={hp.seed})" if hp.synthetic_questions else hp.hub_id
+
+    @property
+    def metric_names(self) -> list[str]:
+        judged = [] if self.judges is None else [
+            name for name, on in zip(JUDGE_METRICS, (self.judges.truth_model, self.judges.info_model,
+                                                    self.judges.truth_model and self.judges.info_model)) if on
+        ]
+        return [*self.task_metrics, *judged]
+
+    def load_questions(self) -> list[GenerationQuestion]:
+        hp = self.hparams
+        if hp.path:
+            questions = read_generation_file(hp.path)
+        elif hp.synthetic_questions:
+            questions = synthetic_generation_questions(hp.synthetic_questions, seed=hp.seed)
+        else:
+            import datasets
+
+            rows = datasets.load_dataset(hp.hub_id, hp.hub_config, split=hp.hub_split)
+            source = f"{hp.hub_id}[{hp.hub_split}]"
+            questions = [parse_generation_record(dict(row), source, i) for i, row in enumerate(rows)]
+        if hp.limit is not None:
+            questions = questions[: hp.limit]
+        if not questions:
+            raise DataFormatError(f"{self.source}: no questions")
+        return questions
+
+    def load_split(self, name: Split) -> list[GenerationQuestion]:
+        if not hasattr(self, "_all_splits"):
+            hp = self.hparams
+            self._all_splits = seeded_splits(self.load_questions(), hp.seed, hp.train_fraction, hp.val_fraction)
+        return self._all_splits[name]
+
+    def eval_groups(self, split: Split = "test") -> list[str]:
+        return sorted({q.category for q in self.split(split) if q.category})
+
+    def generation_settings(self) -> GenerationSettings:
+        return self.generation
+
+    # -- encodings ------------------------------------------------------------------------
+
+    def prompt(self, question: GenerationQuestion) -> str:
+        return truthfulqa_gen_prompt(question.question, QA_PRIMER)
+
+    def lm_example(self, question: GenerationQuestion) -> LMExample:
+        target = f"\nA: {question.best_answer}\n\n"
+        context, target_ids = encode_prompt_target(self.tokenizer, self.prompt(question), target)
+        return LMExample(context + target_ids, len(context))
+
+    def eval_item(self, question: GenerationQuestion, uid: int | None = None) -> TruthfulQAGenerationItem:
+        true_refs, false_refs = truthfulqa_gen_references(question.correct_answers, question.incorrect_answers)
+        return TruthfulQAGenerationItem(
+            uid=question.index,
+            id=question.id,
+            group=question.category,
+            context_ids=self.tokenizer(self.prompt(question))["input_ids"],
+            question=question.question,
+            true_refs=true_refs,
+            false_refs=false_refs,
+        )
+
+    # -- judges ---------------------------------------------------------------------------
+
+    def judge(self, kind: str, device: torch.device | str) -> Judge | None:
+        """The truth or info judge, loaded on first use and kept for the whole run."""
+        settings = self.judges
+        name = None if settings is None else getattr(settings, f"{kind}_model")
+        if name is None:
+            return None
+        if kind not in self._judges:
+            adapter = getattr(settings, f"{kind}_adapter")
+            suffix = TRUTH_SUFFIX if kind == "truth" else INFO_SUFFIX
+            self._judges[kind] = Judge.load(name, adapter, suffix, settings.dtype, device)
+        return self._judges[kind]
+
+    def finish_records(self, records: list[GenerationRecord], device: torch.device | str = "cpu") -> list:
+        """The judges score every generated answer (the text after its leading ``A:``); their
+        probabilities go to ``record.judges`` and the true/informative flags to the metrics."""
+        if self.judges is None:
+            return records
+        pairs = [(r, v) for r in records for v in ("plain", "steered") if r.generation.get(v) is not None]
+        questions = [r.question for r, _ in pairs]
+        answers = [r.generation[v] for r, v in pairs]  # the judge prompt drops a leading 'A:'
+        probabilities = {}
+        for kind in ("truth", "info"):
+            judge = self.judge(kind, device)
+            probabilities[kind] = None if judge is None else judge.yes_probabilities(
+                questions, answers, self.judges.batch_size)
+        scores = truth_info_scores(probabilities["truth"], probabilities["info"], self.judges.threshold)
+        for (record, variant), row in zip(pairs, scores.rows()):
+            record.judges[variant] = {k: row[f"{k}_prob"] for k in ("truth", "info") if probabilities[k] is not None}
+            record.metrics[variant].update({k: row[k] for k in JUDGE_METRICS if row[k] == row[k]})  # not NaN
+        return records
