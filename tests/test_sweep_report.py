@@ -102,7 +102,7 @@ def test_report_and_sweep_start_without_lightning():
     import sys
 
     code = (
-        "import sys, svdecode_pl.cli.entry, svdecode_pl.results.report, svdecode_pl.cli.sweep, svdecode_pl.tasks.readers\n"
+        "import sys, svdecode_pl.cli, svdecode_pl.results.report, svdecode_pl.cli.sweep, svdecode_pl.tasks.readers\n"
         "heavy = sorted(m for m in ('lightning', 'torch', 'transformers', 'peft') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
         "from svdecode_pl.data import TruthfulQADataModule\n"  # the data modules still import on first use
