@@ -63,7 +63,7 @@ class GenerationItem(EvalItem):
     """A prompt whose continuation is decoded and graded."""
 
     max_new_tokens: int | None = None
-    """Overrides the decoding settings' ``max_new_tokens`` for this item."""
+    """This item's limit of new tokens (None: the decoding settings'); a batch decodes to its largest."""
 
     def grade(self, text: str) -> tuple[str | None, dict[str, float]]:
         """(the answer read from the text, or None; the per-question metrics)."""

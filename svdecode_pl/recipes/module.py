@@ -13,8 +13,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from peft import PeftConfig
 from torch import nn
 
-from svdecode_pl.evaluation.evaluator import Evaluator, ScoringSettings
+from svdecode_pl.evaluation.evaluator import Evaluator
 from svdecode_pl.evaluation.items import VARIANTS, Record
+from svdecode_pl.evaluation.settings import EvaluationSettings, ScoringSettings
 from svdecode_pl.metrics.per_question import QuestionTable
 from svdecode_pl.models.adapters import initialize_adapter, load_checked_adapter, save_adapter
 from svdecode_pl.models.heads import output_vocab_size, target_hidden_states
@@ -77,8 +78,9 @@ class SVDecodeModule(LightningModule):
         self.peft_config = peft
         self.model: nn.Module | None = None
         self.tokenizer = None
-        self.steering_vector: SteeringVector | None = None
-        self.mu_grid: list[float] | None = None  # absolute strengths of the mu curve (set by the steering callback)
+        #: The one owner of the evaluation settings: scoring from these hyper-parameters, decoding and
+        #: judges from the task at test/predict start, steering attached by the steering callback.
+        self.evaluation = EvaluationSettings(ScoringSettings(chunk_tokens, score_batch_tokens))
         self.strict_loading = False  # checkpoints hold only the trainable (adapter) weights
         self.eval_table: QuestionTable | None = None
         self._evaluator: Evaluator | None = None
@@ -107,6 +109,15 @@ class SVDecodeModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         self.tokenizer = load_tokenizer(self.hparams.name_or_path)
+
+    @property
+    def steering_vector(self) -> SteeringVector | None:
+        """The steering vector of the evaluation settings (None: plain only)."""
+        return self.evaluation.steering.vector
+
+    @steering_vector.setter
+    def steering_vector(self, vector: SteeringVector | None) -> None:
+        self.evaluation.use_steering(vector, self.evaluation.steering.mu_grid)
 
     @property
     def vocab_size(self) -> int:
@@ -186,16 +197,13 @@ class SVDecodeModule(LightningModule):
 
     def _start_evaluation(self) -> None:
         datamodule = self.datamodule
-        self._evaluator = Evaluator(
-            self.model, self.tokenizer, self.steering_vector,
-            ScoringSettings(self.hparams.chunk_tokens, self.hparams.score_batch_tokens),
-            generation=datamodule.generation_settings(), mu_grid=self.mu_grid,
-        )
+        self.evaluation.generation = datamodule.generation_settings()
+        self.evaluation.judges = datamodule.judge_settings()
+        self._evaluator = Evaluator(self.model, self.tokenizer, self.evaluation)
 
     def evaluate(self, batch: list) -> list[Record]:
         """Records of a batch of evaluation items, plain and steered (then e.g. judged)."""
-        records = self._evaluator.evaluate(batch)
-        return self.datamodule.finish_records(records, self.device)
+        return self._evaluator.evaluate(batch, self.device)
 
     def on_predict_start(self) -> None:
         self._start_evaluation()
@@ -203,8 +211,9 @@ class SVDecodeModule(LightningModule):
     def on_test_start(self) -> None:
         self._start_evaluation()
         columns = [f"{name}/{variant}" for name in self.datamodule.metric_names for variant in VARIANTS]
-        if self.steering_vector is not None and self.mu_grid:
-            columns += [f"{name}/mu{i}" for name in self.datamodule.metric_names for i in range(len(self.mu_grid))]
+        grid = self.evaluation.steering.grid
+        if grid:
+            columns += [f"{name}/mu{i}" for name in self.datamodule.metric_names for i in range(len(grid))]
         self.eval_table = QuestionTable(columns, self.datamodule.eval_groups("test")).to(self.device)
 
     def test_step(self, batch: list, batch_idx: int) -> None:
@@ -225,8 +234,9 @@ class SVDecodeModule(LightningModule):
                 if value is not None:
                     self.log(f"test/{name}_{variant}", value, rank_zero_only=True)
         curve = None
-        if self.steering_vector is not None and self.mu_grid:
-            curve = mu_curve(datamodule.metric_names, table.columns, values, self.mu_grid, self.steering_vector)
+        grid = self.evaluation.steering.grid
+        if grid:
+            curve = mu_curve(datamodule.metric_names, table.columns, values, grid, self.steering_vector)
         payload = results_payload(datamodule.task_name, int(ids.numel()), self.steering_vector, metrics, self.trainer,
                                   per_group=per_group, model=self.model_summary(), mu_curve=curve)
         self._write_results(payload)

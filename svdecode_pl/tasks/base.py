@@ -2,9 +2,11 @@
 
 :class:`TaskDataModule` is what the LightningModule, the steering callback, the results and the
 CLI rely on: a task name, the metric names it reports, where its data came from, the
-prompt+target loader of warm-start and calibration, and the loader of evaluation items
-(:mod:`svdecode_pl.evaluation.items`). A new task subclasses it and implements :meth:`lm_examples`,
-:meth:`eval_items` and :meth:`load_split`; the CLI accepts any subclass as ``data.class_path``.
+prompt+target loader of warm-start and calibration, the loader of evaluation items
+(:mod:`svdecode_pl.evaluation.items`), and the task's part of the evaluation settings (how its
+generation items decode, which judges score them). A new task subclasses it and implements
+:attr:`source`, :meth:`load_split`, :meth:`lm_example` and :meth:`eval_item`; the CLI accepts any
+subclass as ``data.class_path``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 
+from svdecode_pl.evaluation.generation_settings import GenerationSettings
 from svdecode_pl.evaluation.items import ChoiceItem, EvalItem
+from svdecode_pl.evaluation.judges import JudgeSettings
 from svdecode_pl.models.loading import load_tokenizer, resolve_name_or_path
 from svdecode_pl.tasks.resumable import ResumableDataLoader
 from svdecode_pl.utils.errors import DataFormatError
@@ -159,14 +163,13 @@ class TaskDataModule(LightningDataModule):
         in results.json; the same list on every process. Default: none."""
         return []
 
-    def generation_settings(self) -> Any:
-        """How generation items are decoded (a :class:`~svdecode_pl.evaluation.generation_settings.GenerationSettings`);
-        None for a task without generation items."""
+    def generation_settings(self) -> GenerationSettings | None:
+        """How the task's generation items are decoded; None for a task without generation items."""
         return None
 
-    def finish_records(self, records: list, device: torch.device | str = "cpu") -> list:
-        """A last pass over a batch's records (e.g. judges scoring the generations); default none."""
-        return records
+    def judge_settings(self) -> JudgeSettings | None:
+        """The judges that score the task's generated answers in the evaluation stage (default none)."""
+        return None
 
     # -- shared machinery ---------------------------------------------------------------------
 

@@ -349,11 +349,10 @@ class CommonsenseDataModule(TaskDataModule):
             labels=[int(label == example.answer) for label in example.options],
         )
 
-    def generation_settings(self):
-        """Greedy decoding of up to ``max_new_tokens``, no stop string (LLM-Adapters')."""
-
-
-        return GenerationSettings(max_new_tokens=self.hparams.max_new_tokens, stop=[])
+    def generation_settings(self) -> GenerationSettings:
+        """Greedy decoding, no stop string (LLM-Adapters'); each item carries the task's
+        ``max_new_tokens`` (as an lm-eval request carries its generation arguments)."""
+        return GenerationSettings(stop=[])
 
     def val_dataloader(self):
         return self.lm_dataloader("validation") if self.hparams.val_size > 0 else []

@@ -13,20 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from svdecode_pl.corpus.primer import QA_PRIMER, truthfulqa_gen_prompt
 from svdecode_pl.corpus.synthetic import synthetic_questions
 from svdecode_pl.evaluation.encoding import encode_prompt_target
 from svdecode_pl.evaluation.generation_settings import GenerationSettings
-from svdecode_pl.evaluation.items import GenerationItem, GenerationRecord
-from svdecode_pl.evaluation.judges import INFO_SUFFIX, TRUTH_SUFFIX, Judge, JudgeSettings, truth_info_scores
+from svdecode_pl.evaluation.items import GenerationItem
+from svdecode_pl.evaluation.judges import JudgeSettings
 from svdecode_pl.metrics.text import TRUTHFULQA_GEN_KEYS, split_answer_cell, truthfulqa_gen_references
 from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule, seeded_splits
 from svdecode_pl.tasks.readers import read_csv_rows, read_json_rows
 from svdecode_pl.utils.errors import DataFormatError, OptionError
-
-JUDGE_METRICS = ("truth", "info", "truth_info")
 
 
 @dataclass
@@ -184,7 +180,6 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
         self.save_hyperparameters()
         self.generation = generation or GenerationSettings()
         self.judges = judges
-        self._judges: dict[str, Judge] = {}
 
     @property
     def source(self) -> str:
@@ -195,11 +190,7 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
 
     @property
     def metric_names(self) -> list[str]:
-        judged = [] if self.judges is None else [
-            name for name, on in zip(JUDGE_METRICS, (self.judges.truth_model, self.judges.info_model,
-                                                    self.judges.truth_model and self.judges.info_model)) if on
-        ]
-        return [*self.task_metrics, *judged]
+        return [*self.task_metrics, *([] if self.judges is None else self.judges.metric_names())]
 
     def load_questions(self) -> list[GenerationQuestion]:
         hp = self.hparams
@@ -253,35 +244,5 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
             false_refs=false_refs,
         )
 
-    # -- judges ---------------------------------------------------------------------------
-
-    def judge(self, kind: str, device: torch.device | str) -> Judge | None:
-        """The truth or info judge, loaded on first use and kept for the whole run."""
-        settings = self.judges
-        name = None if settings is None else getattr(settings, f"{kind}_model")
-        if name is None:
-            return None
-        if kind not in self._judges:
-            adapter = getattr(settings, f"{kind}_adapter")
-            suffix = TRUTH_SUFFIX if kind == "truth" else INFO_SUFFIX
-            self._judges[kind] = Judge.load(name, adapter, suffix, settings.dtype, device)
-        return self._judges[kind]
-
-    def finish_records(self, records: list[GenerationRecord], device: torch.device | str = "cpu") -> list:
-        """The judges score every generated answer (the text after its leading ``A:``); their
-        probabilities go to ``record.judges`` and the true/informative flags to the metrics."""
-        if self.judges is None:
-            return records
-        pairs = [(r, v) for r in records for v in ("plain", "steered") if r.generation.get(v) is not None]
-        questions = [r.question for r, _ in pairs]
-        answers = [r.generation[v] for r, v in pairs]  # the judge prompt drops a leading 'A:'
-        probabilities = {}
-        for kind in ("truth", "info"):
-            judge = self.judge(kind, device)
-            probabilities[kind] = None if judge is None else judge.yes_probabilities(
-                questions, answers, self.judges.batch_size)
-        scores = truth_info_scores(probabilities["truth"], probabilities["info"], self.judges.threshold)
-        for (record, variant), row in zip(pairs, scores.rows()):
-            record.judges[variant] = {k: row[f"{k}_prob"] for k in ("truth", "info") if probabilities[k] is not None}
-            record.metrics[variant].update({k: row[k] for k in JUDGE_METRICS if row[k] == row[k]})  # not NaN
-        return records
+    def judge_settings(self) -> JudgeSettings | None:
+        return self.judges

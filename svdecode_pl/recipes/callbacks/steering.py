@@ -89,7 +89,8 @@ class SteeringVectorCallback(Callback):
             try:
                 batches = tqdm(loader, desc="Steering vector", unit="batch", leave=False,
                                disable=not (trainer.is_global_zero and trainer.progress_bar_callback is not None))
-                accumulate_calibration(stats, model, batches, head, pl_module.hparams.chunk_tokens, pl_module.device)
+                chunk_tokens = pl_module.evaluation.scoring.chunk_tokens
+                accumulate_calibration(stats, model, batches, head, chunk_tokens, pl_module.device)
             except ValueError as err:
                 raise ValueError(f"{err} (split {self.calibration!r})") from None
         model.train(was_training)
@@ -102,7 +103,7 @@ class SteeringVectorCallback(Callback):
             return
         vector = self.extract(trainer, pl_module)
         vector.metadata["warm_start_steps"] = trainer.global_step
-        pl_module.steering_vector = vector
+        pl_module.evaluation.use_steering(vector)
         summary = {
             "steering/mu_star": vector.metadata["mu_star"],
             "steering/token_count": float(vector.metadata["token_count"]),
@@ -119,8 +120,9 @@ class SteeringVectorCallback(Callback):
     def _attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled:
             return
-        if pl_module.steering_vector is not None:
-            pl_module.mu_grid = self.grid_strengths(pl_module.steering_vector)
+        attached = pl_module.evaluation.steering.vector
+        if attached is not None:
+            pl_module.evaluation.use_steering(attached, self.grid_strengths(attached))
             return
         path = self.artifact_dir(trainer)
         if not path.exists():
@@ -132,8 +134,7 @@ class SteeringVectorCallback(Callback):
         if self.mu is not None or self.mu_scale != 1.0:
             base = self.mu if self.mu is not None else vector.metadata.get("mu_star", vector.mu)
             vector.mu = base * self.mu_scale
-        pl_module.steering_vector = vector
-        pl_module.mu_grid = self.grid_strengths(vector)
+        pl_module.evaluation.use_steering(vector, self.grid_strengths(vector))
         rank_zero_info(f"loaded {vector} from {path}")
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

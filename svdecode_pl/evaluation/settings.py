@@ -1,0 +1,58 @@
+"""The evaluation settings: one typed object that the LightningModule owns and that the steering
+callback and the :class:`~svdecode_pl.evaluation.evaluator.Evaluator` read.
+
+- scoring (the module's ``chunk_tokens`` and ``score_batch_tokens``);
+- decoding and judging (the task's: its data module's ``generation_settings()``/``judge_settings()``);
+- steering (the vector and the mu grid, attached by the steering callback through
+  :meth:`EvaluationSettings.use_steering`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from svdecode_pl.evaluation.generation_settings import GenerationSettings
+from svdecode_pl.evaluation.judges import JudgeSettings
+from svdecode_pl.steering.vector import SteeringVector
+
+
+@dataclass
+class ScoringSettings:
+    """How log-likelihood scoring runs."""
+
+    chunk_tokens: int = 256
+    """Positions whose logits are materialised at once (bounds memory at large vocabularies)."""
+    score_batch_tokens: int = 0
+    """0: the questions of a batch packed into rows of ``PACK_TOKENS`` tokens, each attending to itself
+    and the cached primer only, so scores do not depend on which questions share a pass; N > 0:
+    length-sorted questions batched with padding up to N tokens (for GPUs)."""
+
+
+@dataclass
+class SteeringSettings:
+    """The steering an evaluation applies (none: plain only)."""
+
+    vector: SteeringVector | None = None
+    mu_grid: list[float] | None = None
+    """Absolute strengths at which every item is also evaluated steered (the strength curve)."""
+
+    @property
+    def grid(self) -> list[float] | None:
+        """The mu grid, when there is a vector to scale."""
+        return self.mu_grid if self.vector is not None and self.mu_grid else None
+
+
+@dataclass
+class EvaluationSettings:
+    """Everything an evaluation is configured by, in one place."""
+
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    generation: GenerationSettings | None = None
+    """How generation items decode (None: greedy, no stop string, the items' ``max_new_tokens``)."""
+    judges: JudgeSettings | None = None
+    """Judges that score generated answers (None: none)."""
+    steering: SteeringSettings = field(default_factory=SteeringSettings)
+
+    def use_steering(self, vector: SteeringVector | None, mu_grid: list[float] | None = None) -> None:
+        """Attach (or, with None, remove) the steering vector and its strength curve."""
+        self.steering = SteeringSettings(vector, mu_grid)
