@@ -29,6 +29,10 @@ def run_cli(args: list[str] | None = None) -> SVDecodeCLI:
         return report_main(argv[1:])
     if argv[:1] == ["lm-eval"]:
         return lm_eval_main(argv[1:])
+    if argv[:1] == ["logit-bias"]:
+        from svdecode_pl.steering.logit_bias import main as logit_bias_main
+
+        return logit_bias_main(argv[1:])
     from svdecode_pl.cli.lightning import build_cli
 
     return build_cli(args)
@@ -51,7 +55,8 @@ DEBUG_HELP = (
     "Besides fit/validate/test/predict: `svdecode sweep SPEC` runs a grid of configs (see "
     "configs/sweeps/), `svdecode report RUNS_DIR` writes its tables and figures, "
     "`svdecode lm-eval --model_args pretrained=...,peft=...,steering=... --tasks ...` evaluates a steered "
-    "model on lm-eval tasks (lm-eval's own options).\n"
+    "model on lm-eval tasks (lm-eval's own options), `svdecode logit-bias STEERING_DIR` exports static "
+    "steering as a server's logit_bias.\n"
     f"Errors in your input (data files, steering artifacts, adapters, model paths, option values) are "
     f"reported as one line and exit status 2; add --debug (or set {DEBUG_ENV}=1) to see their traceback."
 )
