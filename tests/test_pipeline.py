@@ -60,6 +60,10 @@ def test_fit_extract_test_every_adapter(tmp_path, adapter):
     loaded = PeftModel.from_pretrained(load_causal_lm("svdecode-tiny"), str(tmp_path / "adapter"))
     expected = {"lora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "p_tuning_v2": "PREFIX_TUNING"}
     assert loaded.peft_config["default"].peft_type.value == expected[adapter]
+    # ... and one artifact with its vector (issue 19): PEFT loaded it above as a plain adapter
+    shared = SteeringVector.load(tmp_path / "adapter" / "steering")
+    assert torch.equal(shared.direction, vector.direction) and shared.mu == vector.mu
+    assert (tmp_path / "adapter" / "custom_generate" / "generate.py").is_file()
     run("test", *args, "--model.adapter_path", str(tmp_path / "adapter"))
     check_results(tmp_path, steered=True)
 

@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from svdecode_pl.utils.allocator import keep_freed_memory
-from svdecode_pl.utils.errors import DEBUG_ENV, user_error_message
+from svdecode_pl.utils.errors import DEBUG_ENV, OptionError, user_error_message
 
 if TYPE_CHECKING:
     from svdecode_pl.cli.lightning import SVDecodeCLI
@@ -27,14 +27,36 @@ def run_cli(args: list[str] | None = None) -> SVDecodeCLI:
         from svdecode_pl.results.report import main as report_main
 
         return report_main(argv[1:])
+    if argv[:1] == ["lm-eval"]:
+        return lm_eval_main(argv[1:])
+    if argv[:1] == ["logit-bias"]:
+        from svdecode_pl.steering.logit_bias import main as logit_bias_main
+
+        return logit_bias_main(argv[1:])
     from svdecode_pl.cli.lightning import build_cli
 
     return build_cli(args)
 
 
+def lm_eval_main(args: list[str]) -> None:
+    """``svdecode lm-eval``: lm-eval's own ``run`` command with the steered model class registered;
+    lm-eval is an optional extra, so its absence is one line, not a traceback."""
+    try:
+        from svdecode_pl.evaluation.lm_eval_backend import cli_main
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] != "lm_eval":
+            raise
+        raise OptionError("svdecode lm-eval: lm-evaluation-harness is not installed "
+                          "(pip install 'svdecode-pl[lm-eval]')") from None
+    cli_main(args)
+
+
 DEBUG_HELP = (
     "Besides fit/validate/test/predict: `svdecode sweep SPEC` runs a grid of configs (see "
-    "configs/sweeps/), `svdecode report RUNS_DIR` writes its tables and figures.\n"
+    "configs/sweeps/), `svdecode report RUNS_DIR` writes its tables and figures, "
+    "`svdecode lm-eval --model_args pretrained=...,peft=...,steering=... --tasks ...` evaluates a steered "
+    "model on lm-eval tasks (lm-eval's own options), `svdecode logit-bias STEERING_DIR` exports static "
+    "steering as a server's logit_bias.\n"
     f"Errors in your input (data files, steering artifacts, adapters, model paths, option values) are "
     f"reported as one line and exit status 2; add --debug (or set {DEBUG_ENV}=1) to see their traceback."
 )

@@ -23,6 +23,7 @@ from svdecode_pl.models.loading import DType, load_causal_lm, load_tokenizer, to
 from svdecode_pl.models.zero import hf_zero3_loading
 from svdecode_pl.recipes.optimizer import OptimizerName, build_optimizer
 from svdecode_pl.results.payload import format_table, mu_curve, results_payload, table_metrics, write_results
+from svdecode_pl.steering.artifact import save_artifact
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.errors import OptionError
 
@@ -172,7 +173,12 @@ class SVDecodeModule(LightningModule):
         return build_optimizer(params, hp.optimizer, hp.learning_rate, hp.weight_decay, self._trainer)
 
     def on_fit_end(self) -> None:
-        self.save_adapter(Path(self.trainer.default_root_dir) / "adapter")
+        adapter = Path(self.trainer.default_root_dir) / "adapter"
+        self.save_adapter(adapter)
+        # runs after the steering callback's on_fit_end: the vector goes into the adapter directory
+        # too, as one shareable artifact (steering/ + custom_generate/; <root>/steering stays)
+        if self.steering_vector is not None and self.trainer.is_global_zero and adapter.is_dir():
+            save_artifact(None, self.steering_vector, adapter)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}

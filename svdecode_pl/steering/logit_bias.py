@@ -1,0 +1,120 @@
+"""Static steering for inference servers: mu * d as a sparse OpenAI-style ``logit_bias``.
+
+A server adds ``logit_bias[token]`` to that token's logit before sampling, which is static
+steering restricted to a few entries. Softmax ignores a constant added to every logit, so we
+export ``mu * d - c`` and choose the constant c and the kept entries together: the dropped
+entries are the ``V - K`` values of ``mu * d`` lying in the narrowest window, c its midpoint.
+Then the served logits equal the fully steered ones up to the constant c and an error e with
+``max |e| <= max_dropped`` (half the window, or a clamped entry's excess over the limit): greedy
+decoding agrees wherever the steered top-two margin exceeds ``2 * max_dropped``, and each
+probability is within a factor ``exp(2 * max_dropped)``. Dynamic steering depends on each step's
+base logits and cannot be served this way (a server sees one model's logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from svdecode_pl.steering.vector import SteeringVector
+from svdecode_pl.utils.errors import OptionError
+
+#: the most entries current vLLM accepts in one request's logit_bias
+MAX_ENTRIES = 1024
+#: OpenAI-compatible servers clamp (or refuse) biases outside [-100, 100]
+CLAMP = 100.0
+
+
+@dataclass
+class LogitBias:
+    """The exported bias and what the truncation keeps."""
+
+    bias: dict[int, float]
+    offset: float  # the constant c subtracted from mu * d
+    kept_share: float  # share of ||mu*d - c||^2 on the kept entries
+    max_dropped: float  # largest |logit change| the export drops (window half-width or clamp excess)
+
+    def summary(self) -> str:
+        return (f"logit_bias: {len(self.bias)} entries keep {self.kept_share:.2%} of the squared norm of "
+                f"mu*d - c (c = {self.offset:.4g}); largest logit change dropped: {self.max_dropped:.4g}")
+
+
+def export_logit_bias(vector: SteeringVector, max_entries: int = MAX_ENTRIES, clamp: float = CLAMP) -> LogitBias:
+    """The sparse bias of at most ``max_entries`` entries, each within ``[-clamp, clamp]``."""
+    if vector.mode != "static" or vector.direction is None:
+        raise OptionError("logit-bias: a dynamic steering vector cannot be exported (its shift depends on each "
+                          "step's base logits, which a server does not compute); use a static vector")
+    shift = (vector.mu * vector.direction).double()
+    vocab = shift.numel()
+    if not 0 < max_entries <= vocab:
+        raise OptionError(f"--max-entries: {max_entries} entries requested, but the vocabulary has {vocab} "
+                          f"(expected 1..{vocab})")
+    values, order = torch.sort(shift)
+    dropped = vocab - max_entries
+    if dropped > 0:  # the narrowest window of `dropped` consecutive sorted values
+        widths = values[dropped - 1:] - values[: vocab - dropped + 1]
+        start = int(torch.argmin(widths))
+        offset = float(values[start] + values[start + dropped - 1]) / 2
+        keep = torch.cat([order[:start], order[start + dropped:]])
+        half_width = float(widths[start]) / 2
+    else:
+        offset, keep, half_width = float(shift.mean()), order, 0.0
+    centred = shift - offset
+    kept = centred[keep]
+    clamped = kept.clamp(-clamp, clamp)
+    excess = float((kept - clamped).abs().max()) if keep.numel() else 0.0
+    total = float(centred.square().sum())
+    share = float(clamped.square().sum()) / total if total > 0 else 1.0
+    bias = {int(t): float(b) for t, b in zip(keep.tolist(), clamped.tolist())}
+    return LogitBias(bias, offset, share, max(half_width, excess))
+
+
+def apply_logit_bias(scores: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """What a server does with ``logit_bias``: add each entry to its token's logit."""
+    ids = torch.tensor(list(bias), dtype=torch.long, device=scores.device)
+    values = torch.tensor(list(bias.values()), dtype=scores.dtype, device=scores.device)
+    return scores.index_add(-1, ids, values.expand(*scores.shape[:-1], -1))
+
+
+def model_vocab_size(name_or_path: str) -> int:
+    """The number of logits a model produces, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from svdecode_pl.models.loading import resolve_name_or_path
+    from svdecode_pl.utils.errors import loading_model
+
+    with loading_model(name_or_path):
+        config = AutoConfig.from_pretrained(resolve_name_or_path(name_or_path))
+    return int(config.get_text_config().vocab_size)
+
+
+def main(args: list[str]) -> None:
+    """``svdecode logit-bias STEERING_DIR``: the bias as JSON (``{"logit_bias": {"id": bias}}``)."""
+    parser = argparse.ArgumentParser(prog="svdecode logit-bias", description=__doc__.split("\n")[0])
+    parser.add_argument("steering", help="steering vector directory (or an artifact with steering/)")
+    parser.add_argument("--max-entries", type=int, default=MAX_ENTRIES, help="at most this many tokens (vLLM: 1024)")
+    parser.add_argument("--clamp", type=float, default=CLAMP, help="largest absolute bias a server accepts")
+    parser.add_argument("--model", help="check the vector's vocabulary against this model (hub id or path)")
+    parser.add_argument("--mu", type=float, help="override the vector's strength")
+    parser.add_argument("--output", type=Path, help="write the JSON here (default: stdout)")
+    opts = parser.parse_args(args)
+    path = Path(opts.steering)
+    if not (path / "steering_vector.json").exists() and (path / "steering" / "steering_vector.json").exists():
+        path = path / "steering"
+    vector = SteeringVector.load(path)
+    if opts.mu is not None:
+        vector = vector.with_mu(opts.mu)
+    if opts.model:
+        vector.check_compatible(model_vocab_size(opts.model), None, source=str(path / "steering_vector.json"))
+    result = export_logit_bias(vector, opts.max_entries, opts.clamp)
+    text = json.dumps({"logit_bias": {str(k): round(v, 6) for k, v in result.bias.items()}})
+    if opts.output:
+        opts.output.write_text(text + "\n")
+    else:
+        print(text)
+    print(result.summary(), file=sys.stderr)
