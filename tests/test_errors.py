@@ -336,6 +336,49 @@ def _bad_inputs(root: Path, adapter: Path) -> dict[str, tuple[list[str], str]]:
                        f"{root / 'no_model'}: cannot load the tokenizer: no such directory"),
         "option value": ([*tiny, "--data.train_fraction", "0.7", "--data.val_fraction", "0.5"],
                          "--data.train_fraction 0.7, --data.val_fraction 0.5: need"),
+        **_option_path_and_combination_inputs(root),
+    }
+
+
+#: name -> the hint line it must print (cases without one print none)
+HINTS = {"misspelt option": "svdecode: hint: did you mean --model.learning_rate",
+         "misspelt data option": "svdecode: hint: did you mean --data.path",
+         "value outside a choice": "svdecode: hint: did you mean float32"}
+
+
+def _option_path_and_combination_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
+    """Option mistakes (which the parser would bury under 70 lines of usage), paths that cannot be
+    used (checked before any work starts) and combinations that cannot run (refused before the
+    model loads), each as one line naming the option or file."""
+    (root / "a_file").write_text("not a directory\n")
+    (root / "bad.yaml").write_text("trainer: [max_steps: 1\n")
+    (root / "dir.yaml").mkdir()
+    generation = str(ROOT / "configs" / "truthfulqa_gen" / "quickstart.yaml")
+    return {
+        # options
+        "misspelt option": (["--model.learnig_rate", "0.1"], "--model.learnig_rate: no such option"),
+        "misspelt data option": (["--data.pth", "x.json"], "--data.pth: no such option of TruthfulQADataModule"),
+        "missing config file": (["--config", str(root / "nope.yaml")], f"--config {root / 'nope.yaml'}: no such file"),
+        "config not yaml": (["--config", str(root / "bad.yaml")], f"--config {root / 'bad.yaml'}: not valid YAML"),
+        "config a directory": (["--config", str(root / "dir.yaml")], "dir.yaml: is a directory"),
+        "value outside a choice": (["--model.dtype", "float8"],
+                                   "--model.dtype float8: not one of auto, float32, bfloat16, float16"),
+        "steering mode": (["--steering.mode", "sideways"], "--steering.mode sideways: not one of static, dynamic"),
+        "not a number": (["--trainer.max_steps", "many"], "--trainer.max_steps many: expected int"),
+        # paths
+        "run directory is a file": (["--trainer.default_root_dir", str(root / "a_file")],
+                                    f"--trainer.default_root_dir {root / 'a_file'}: is a file, not a directory"),
+        "run directory under a file": (["--trainer.default_root_dir", str(root / "a_file" / "run")],
+                                       f"cannot create it: {root / 'a_file'} is a file"),
+        "steering directory is a file": (["--steering.dirpath", str(root / "a_file")],
+                                         f"--steering.dirpath {root / 'a_file'}: is a file"),
+        "adapter is a file": (["--model.adapter_path", str(root / "a_file")],
+                              f"--model.adapter_path {root / 'a_file'}: is a file, not an adapter directory"),
+        "checkpoint missing": (["--ckpt_path", str(root / "nope.ckpt")], f"--ckpt_path {root / 'nope.ckpt'}: no such"),
+        # combinations
+        "dynamic steering with beams": (["--config", generation, "--steering.mode", "dynamic",
+                                         "--data.generation.num_beams", "3"],
+                                        "--steering.mode dynamic cannot run with --data.generation.num_beams 3"),
     }
 
 
@@ -372,6 +415,13 @@ CONSOLE_CASES = [
     "steering newer format", "steering nan", "steering vocabulary", "adapter missing", "not an adapter",
     "adapter shapes", "model path", "option value",
 ]
+#: caught before any model loads: nothing else on stderr, one line (two with a hint)
+EARLY_CASES = [
+    "misspelt option", "misspelt data option", "missing config file", "config not yaml", "config a directory",
+    "value outside a choice", "steering mode", "not a number", "run directory is a file",
+    "run directory under a file", "steering directory is a file", "adapter is a file", "checkpoint missing",
+    "dynamic steering with beams",
+]
 
 
 @pytest.mark.slow
@@ -383,6 +433,21 @@ def test_console_script_reports_one_line(console_runs, case):
     errors = [line for line in result.stderr.splitlines() if line.startswith("svdecode: error: ")]
     assert len(errors) == 1, result.stderr[-3000:]
     assert expected in errors[0], errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", EARLY_CASES)
+def test_console_script_refuses_options_paths_and_combinations_early(console_runs, case):
+    result, expected = console_runs[case]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.splitlines()
+    assert 1 <= len(lines) <= 2, result.stderr[-3000:]
+    assert lines[0].startswith("svdecode: error: ") and expected in lines[0], lines[0]
+    if case in HINTS:
+        assert len(lines) == 2 and lines[1].startswith(HINTS[case]), lines
+    else:
+        assert len(lines) == 1, lines
 
 
 @pytest.mark.slow
@@ -400,3 +465,31 @@ def test_help_states_debug(capsys):
 def test_user_input_error_is_the_common_base():
     assert issubclass(DataFormatError, UserInputError) and issubclass(DataFormatError, ValueError)
     assert issubclass(SteeringArtifactError, UserInputError) and issubclass(AdapterError, UserInputError)
+
+
+@pytest.mark.parametrize(("args", "first", "hint"), [
+    (["--model.learnig_rate", "0.1"], "--model.learnig_rate: no such option", "did you mean --model.learning_rate"),
+    (["--model.dtype", "float8"], "--model.dtype float8: not one of auto, float32, bfloat16, float16",
+     "did you mean float32"),
+    (["--trainer.default_root_dir", "README.md"], "--trainer.default_root_dir README.md: is a file", None),
+    (["--config", str(ROOT / "configs" / "truthfulqa_gen" / "quickstart.yaml"), "--steering.mode", "dynamic",
+      "--data.generation.num_beams", "3"], "--steering.mode dynamic cannot run with --data.generation.num_beams 3",
+     None),
+])
+def test_option_path_and_combination_mistakes_in_process(monkeypatch, capsys, args, first, hint):
+    """The same refusals as the console script's, in-process: the parser raises instead of
+    printing its usage, and paths and combinations are checked before any class is built (a model
+    loaded here would fail the test)."""
+    from svdecode_pl.cli.lightning import SVDecodeCLI
+
+    monkeypatch.delenv("SVDECODE_DEBUG", raising=False)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(SVDecodeCLI, "instantiate_classes", lambda self: pytest.fail("classes were built"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", QUICKSTART, "--trainer.logger", "false", *args])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"svdecode: error: {lines[0][len('svdecode: error: '):]}" and first in lines[0], lines
+    assert lines[1:] == ([] if hint is None else lines[1:2]) and len(lines) == (1 if hint is None else 2), lines
+    if hint is not None:
+        assert lines[1].startswith(f"svdecode: hint: {hint}")

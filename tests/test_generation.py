@@ -121,8 +121,92 @@ def test_static_steering_is_decoding_with_shifted_logits(model_dir, tokenizer, p
     assert steered != generate_token_ids(model, tokenizer, prompts, settings)  # steering changed the output
 
 
-def test_beam_scores_are_steered_log_probabilities(model_dir, tokenizer, prompts):
-    """The best beam's score is the length-normalised sum of log_softmax(z + mu*d) of its tokens."""
+def _plain_generate(model, tokenizer, prompts, settings, processors=()):
+    """``model.generate`` as a user calls it, with our settings pinned; the new tokens."""
+    from transformers import LogitsProcessorList
+
+    from svdecode_pl.evaluation.generation import checkpoint_defaults_ignored, generation_config, seeded
+
+    input_ids, mask = left_padded(prompts, tokenizer.pad_token_id, torch.device("cpu"))
+    config = generation_config(settings, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+    with seeded(settings.seed, input_ids.device), checkpoint_defaults_ignored(model), torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                             logits_processor=LogitsProcessorList(list(processors)))
+    return out[:, input_ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def peaked_model_dir(tmp_path_factory):
+    """A tiny Qwen2 whose beams have distinct distributions, so that ranking by
+    log_softmax(z) + mu*d and by log_softmax(z + mu*d) choose different beams."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("gen") / "peaked", embedding_std=0.3))
+
+
+def spiked_direction(model, seed: int = 1) -> torch.Tensor:
+    """+1 on a random twentieth of the vocabulary: the steered normaliser differs from beam to beam."""
+    vocab = output_vocab_size(model)
+    direction = torch.zeros(vocab)
+    direction[torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[: vocab // 20]] = 1.0
+    return direction
+
+
+class _AddToScores:
+    """What the processor did before it detected log-probabilities: mu*d added, not renormalised."""
+
+    def __init__(self, shift: torch.Tensor) -> None:
+        self.shift = shift
+
+    def __call__(self, input_ids, scores):
+        return scores + self.shift
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_processor_in_plain_generate_is_a_head_with_bias_mu_d(model_dir, peaked_model_dir, tokenizer, prompts,
+                                                              strategy):
+    """No flag: ``model.generate(..., logits_processor=[SteeringLogitsProcessor(v)])`` equals
+    generating from a head whose bias is mu*d, under greedy, seeded sampling and beam search
+    (where transformers hands the processor log-probabilities, which it detects)."""
+    from svdecode_pl.steering.processor import SteeringLogitsProcessor
+
+    beams = strategy == "beams"
+    model = peft_model(peaked_model_dir if beams else model_dir)
+    settings = STRATEGIES[strategy]
+    vector = SteeringVector(spiked_direction(model) if beams else random_direction(model), 2.0 if beams else 1.5)
+    steered = _plain_generate(model, tokenizer, prompts, settings, [SteeringLogitsProcessor(vector)])
+    head = hf_model(model).get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.copy_(vector.mu * vector.direction)
+    hf_model(model).set_output_embeddings(biased)
+    try:
+        with_bias = _plain_generate(model, tokenizer, prompts, settings)
+    finally:
+        hf_model(model).set_output_embeddings(head)
+    assert steered == with_bias
+    if beams:  # the case tells the right ranking from log_softmax(z) + mu*d
+        naive = _plain_generate(model, tokenizer, prompts, settings, [_AddToScores(vector.mu * vector.direction)])
+        assert naive != with_bias
+    else:
+        assert steered != _plain_generate(model, tokenizer, prompts, settings)  # steering changed the output
+
+
+def test_log_probabilities_are_detected():
+    from svdecode_pl.steering.processor import are_log_probabilities
+
+    logits = torch.randn(3, 50) * 4
+    assert not are_log_probabilities(logits)
+    assert are_log_probabilities(torch.log_softmax(logits, -1))
+    masked = torch.log_softmax(logits, -1)
+    masked[1] = float("-inf")  # a row of -inf only is no evidence either way
+    assert are_log_probabilities(masked)
+    assert not are_log_probabilities(logits - logits.amax(-1, keepdim=True) - 1.0)  # <= 0, not normalised
+
+
+@pytest.mark.parametrize("flag", [None, True])
+def test_beam_scores_are_steered_log_probabilities(model_dir, tokenizer, prompts, flag):
+    """The best beam's score is the length-normalised sum of log_softmax(z + mu*d) of its tokens,
+    without a flag (detected) and with the old ``log_probs=True``."""
     from transformers import LogitsProcessorList
 
     from svdecode_pl.evaluation.generation import checkpoint_defaults_ignored, generation_config
@@ -136,7 +220,7 @@ def test_beam_scores_are_steered_log_probabilities(model_dir, tokenizer, prompts
         out = model.generate(
             input_ids=input_ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True,
             generation_config=generation_config(settings, stop_token_ids(model, tokenizer), tokenizer.pad_token_id),
-            logits_processor=LogitsProcessorList([SteeringLogitsProcessor(vector, log_probs=True)]),
+            logits_processor=LogitsProcessorList([SteeringLogitsProcessor(vector, log_probs=flag)]),
         )
     sequence = out.sequences[0]
     new = sequence.shape[0] - input_ids.shape[1]

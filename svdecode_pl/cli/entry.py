@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from svdecode_pl.utils.allocator import keep_freed_memory
-from svdecode_pl.utils.errors import DEBUG_ENV, OptionError, user_error_message
+from svdecode_pl.utils.errors import DEBUG_ENV, OptionError, user_error_hint, user_error_message
 
 if TYPE_CHECKING:
     from svdecode_pl.cli.lightning import SVDecodeCLI
@@ -33,6 +33,9 @@ def run_cli(args: list[str] | None = None) -> SVDecodeCLI:
         from svdecode_pl.steering.logit_bias import main as logit_bias_main
 
         return logit_bias_main(argv[1:])
+    from svdecode_pl.cli.checks import check_config_files
+
+    check_config_files(argv)  # before Lightning's 6 s import: a missing or broken file is one line now
     from svdecode_pl.cli.lightning import build_cli
 
     return build_cli(args)
@@ -83,6 +86,9 @@ def main(args: list[str] | None = None) -> None:
         if message is None or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no"):
             raise
         print(f"svdecode: error: {message}", file=sys.stderr, flush=True)
+        hint = user_error_hint(error)
+        if hint:
+            print(f"svdecode: hint: {hint}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         release_process_group()

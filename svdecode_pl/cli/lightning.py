@@ -8,10 +8,13 @@ import logging
 import os
 import warnings
 
+from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from svdecode_pl.cli.checks import describe_parser_error
+from svdecode_pl.cli.preflight import preflight
 from svdecode_pl.recipes.callbacks.progress import PhaseProgressBar
 from svdecode_pl.recipes.callbacks.steering import SteeringVectorCallback
 from svdecode_pl.recipes.module import SVDecodeModule
@@ -24,6 +27,23 @@ from svdecode_pl.tasks.truthfulqa_gen import TruthfulQAGenerationDataModule  # n
 from svdecode_pl.tasks.truthfulqa_mc import TruthfulQADataModule  # noqa: F401
 
 
+class SVDecodeParser(LightningArgumentParser):
+    """A parser that raises its complaint instead of printing 70 lines of usage before it:
+    :func:`build_cli` makes it one line and a hint. ``--help`` is unchanged."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["exit_on_error"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> None:
+        try:
+            super().error(message, ex)
+        except ArgumentError as err:
+            if getattr(err, "svdecode_parser", None) is None:
+                err.svdecode_parser = getattr(ex, "subcommand_parser", None) or self
+            raise
+
+
 class SVDecodeCLI(LightningCLI):
     """``svdecode fit|validate|test|predict --config FILE``; see ``svdecode fit --help``."""
 
@@ -33,6 +53,11 @@ class SVDecodeCLI(LightningCLI):
         # ``steering:`` is a top-level key of every subcommand: an ablation is a two-line delta that
         # never touches ``trainer.callbacks``; the callback is added to the trainer's callbacks.
         parser.add_lightning_class_args(SteeringVectorCallback, "steering")
+
+    def before_instantiate_classes(self) -> None:
+        """Paths and option combinations checked before any class (so any model) is built."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        preflight(config)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         """``test`` prints the project's own results table (plain, steered, the change, the mu
@@ -101,10 +126,23 @@ def build_cli(args: list[str] | None = None) -> SVDecodeCLI:
     """Parse ``args`` (default: the command line) and run the Lightning subcommand."""
     _quiet()
     _console()
-    return SVDecodeCLI(
-        SVDecodeModule,
-        TaskDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        return SVDecodeCLI(
+            SVDecodeModule,
+            TaskDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_class=SVDecodeParser,
+            args=args,
+        )
+    except ArgumentError as err:
+        raise describe_parser_error(str(err), _innermost_parser(err)) from err
+
+
+def _innermost_parser(error: BaseException) -> LightningArgumentParser | None:
+    """The parser that raised first (a subcommand's, which knows the subcommand's options)."""
+    parser = None
+    while error is not None:
+        parser = getattr(error, "svdecode_parser", None) or parser
+        error = error.__cause__ or error.__context__
+    return parser

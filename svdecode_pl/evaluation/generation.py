@@ -155,7 +155,7 @@ def generate_sequences(
             return out.sequences
         processors = LogitsProcessorList()
         if steering is not None:
-            processors.append(SteeringLogitsProcessor(steering, log_probs=settings.num_beams > 1))
+            processors.append(SteeringLogitsProcessor(steering))
         with checkpoint_defaults_ignored(model):
             return model.generate(
                 input_ids=input_ids, attention_mask=attention_mask,

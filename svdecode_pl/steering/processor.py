@@ -3,9 +3,11 @@
     processor = SteeringLogitsProcessor(SteeringVector.load("runs/x/steering"))
     model.generate(**inputs, logits_processor=[processor])
 
-Under beam search transformers hands the processors log-probabilities, not logits: build the
-processor with ``log_probs=True`` there, so steered beams rank by log_softmax(z + mu*d) (the
-steered scores are renormalised), not by log_softmax(z) + mu*d.
+Under beam search transformers hands the processors log-probabilities, not logits: the processor
+detects them (every row's maximum <= 0 and log-sum-exp 0) and renormalises after steering, so
+steered beams rank by log_softmax(z + mu*d), not by log_softmax(z) + mu*d, with no flag to
+remember. Greedy decoding and sampling see raw logits (a positive maximum: one reduction, the
+check ends there) and are left as they are.
 
 Dynamic steering needs the pre-trained model's logits of each step: pass ``base_model`` (for a
 PeftModel, the processor runs the same model with the adapter disabled, keeping its own cache).
@@ -22,6 +24,21 @@ from svdecode_pl.models.heads import adapter_disabled
 from svdecode_pl.steering.vector import SteeringVector
 
 
+def are_log_probabilities(scores: torch.Tensor, tolerance: float = 1e-3) -> bool:
+    """Are these scores normalised log-probabilities (what beam search hands its processors)?
+
+    Raw logits almost always have a positive maximum: then one max-reduction answers. Scores
+    whose every row is <= 0 are log-probabilities when each row's log-sum-exp is 0 (rows of
+    -inf only, such as masked ones, are left out). A row of raw logits that happens to pass is
+    harmless: greedy choice and sampling are unchanged by renormalising.
+    """
+    if bool((scores.amax(dim=-1) > 0).any()):
+        return False
+    totals = torch.logsumexp(scores.float(), dim=-1)
+    finite = torch.isfinite(totals)
+    return bool(finite.any()) and bool((totals[finite].abs() < tolerance).all())
+
+
 class SteeringLogitsProcessor(LogitsProcessor):
     """Replaces each step's scores z_phi by z_phi + mu * delta_z.
 
@@ -33,7 +50,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
         steering_vector: SteeringVector,
         base_model: nn.Module | None = None,
         attention_mask: torch.Tensor | None = None,
-        log_probs: bool = False,
+        log_probs: bool | None = None,
     ) -> None:
         """
         Args:
@@ -41,7 +58,8 @@ class SteeringLogitsProcessor(LogitsProcessor):
             base_model: Dynamic mode only: the model whose adapter-disabled logits are p_theta
                 (a PeftModel; any other model is used as it is).
             attention_mask: Dynamic mode with a left-padded batch: the prompt's attention mask.
-            log_probs: The scores are log-probabilities (beam search): renormalise after steering.
+            log_probs: Kept for compatibility: True renormalises after steering at every step;
+                None or False detect log-probabilities (beam search) step by step.
         """
         if steering_vector.needs_base_logits and base_model is None:
             raise ValueError("dynamic steering needs base_model to compute the pre-trained logits")
@@ -83,6 +101,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         vector = self.steering_vector
+        normalised = not self.log_probs and vector.mu != 0.0 and are_log_probabilities(scores)
         if vector.needs_base_logits:
             steered = vector.steer(scores, self._base_logits(input_ids))
         else:
@@ -93,6 +112,6 @@ class SteeringLogitsProcessor(LogitsProcessor):
             # transformers hands processors a fresh float32 copy of the step's logits (or
             # log-probabilities): steer it in place, no (B, V) tensor per step
             steered = scores.add_(self._static_shift(scores)) if scores.dtype == torch.float32 else vector.steer(scores)
-        if self.log_probs and vector.mu != 0.0:  # a zero shift leaves log-probabilities normalised
+        if vector.mu != 0.0 and (self.log_probs or normalised):  # a zero shift leaves them normalised
             steered = torch.log_softmax(steered, dim=-1)
         return steered.to(scores.dtype)

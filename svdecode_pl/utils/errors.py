@@ -22,6 +22,15 @@ class OptionError(UserInputError, ValueError):
     """An option value that the parser's types accept but the program cannot use."""
 
 
+class CommandLineError(OptionError):
+    """An option or config file the parser rejects (misspelt, missing, not YAML, not a valid
+    value), with at most one line of hint, such as the closest valid option names."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
 class SteeringArtifactError(UserInputError, ValueError):
     """A steering artifact (``steering_vector.json`` + ``.safetensors``) that cannot be used."""
 
@@ -61,6 +70,15 @@ def one_line(text: str) -> str:
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     line = " ".join((lines[0] if lines else "").split())
     return line if len(line) <= 500 else line[:497] + "..."
+
+
+def user_error_hint(error: BaseException) -> str | None:
+    """The hint line that goes with :func:`user_error_message`'s line, if the error has one."""
+    for link in _chain(error):
+        if isinstance(link, UserInputError):
+            hint = getattr(link, "hint", None)
+            return one_line(hint) if hint else None
+    return None
 
 
 def user_error_message(error: BaseException) -> str | None:
