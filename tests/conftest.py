@@ -61,3 +61,12 @@ def mc_task_file(tmp_path) -> Path:
     path = tmp_path / "mc_task.json"
     path.write_text(json.dumps(mc_records()))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _no_debug_environment():
+    """``svdecode --debug`` sets SVDECODE_DEBUG in the process for the ranks it starts: a test that
+    runs it in-process must not leave the next test printing tracebacks instead of one line."""
+    os.environ.pop("SVDECODE_DEBUG", None)
+    yield
+    os.environ.pop("SVDECODE_DEBUG", None)
