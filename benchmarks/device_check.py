@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NEEDED = {"deepspeed": "deepspeed", "jsonargparse": "jsonargparse", "datasets": "datasets",
           "rouge_score": "rouge-score"}
-#: Qwen2.5-1.5B's configuration (random weights); the dry run keeps its vocabulary (the extraction benchmark draws ids below it).
+#: Qwen2.5-1.5B's configuration (random weights); the dry run keeps its vocabulary (the extraction
+#: benchmark draws ids below it).
 QWEN_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
                  max_position_embeddings=32768)
