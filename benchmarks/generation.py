@@ -59,7 +59,7 @@ QUESTIONS = [
 ]
 
 
-def load(name: str, vocab_size: int | None, device: str):
+def load(name: str, vocab_size: int | None, device: str, dtype: str = "float32"):
     from peft import LoraConfig, get_peft_model
 
     from svdecode_pl.models.loading import load_causal_lm, load_tokenizer, resolve_name_or_path
@@ -75,7 +75,7 @@ def load(name: str, vocab_size: int | None, device: str):
     name = resolve_name_or_path(name)
     torch.manual_seed(0)
     config = LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
-    model = get_peft_model(load_causal_lm(name), config).eval().to(device)
+    model = get_peft_model(load_causal_lm(name, dtype), config).eval().to(device)
     return model, load_tokenizer(name)
 
 
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="weights' dtype (bfloat16 on a GPU)")
     parser.add_argument("--lm-eval-python", default=None, help="python of an lm-eval venv: check parity first")
     parser.add_argument("--until", action="append", default=[],
                         help="stop strings of the parity check (default: 2 characters of each uncut completion)")
@@ -161,7 +162,7 @@ def main() -> None:
         lm_eval_parity(args.lm_eval_python, args)
         if args.parity_only:
             return
-    model, tokenizer = load(args.model, args.vocab_size, args.device)
+    model, tokenizer = load(args.model, args.vocab_size, args.device, args.dtype)
     texts = [f"Q: {QUESTIONS[i % len(QUESTIONS)]}\nA:" for i in range(args.prompts)]
     prompts = [tokenizer(text)["input_ids"] for text in texts]
     direction = torch.randn(output_vocab_size(model), generator=torch.Generator().manual_seed(1))

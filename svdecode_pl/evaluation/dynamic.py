@@ -127,6 +127,20 @@ class CachedStream:
         return hidden
 
 
+class TwoStreams:
+    """The adapted and the base state as two :class:`CachedStream` passes (any adapter)."""
+
+    def __init__(self, model: nn.Module, attention_mask: torch.Tensor) -> None:
+        self.adapted = CachedStream(model, True, attention_mask)
+        self.base = CachedStream(model, False, attention_mask)
+
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.adapted.prefill(input_ids), self.base.prefill(input_ids)
+
+    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.adapted.step(tokens), self.base.step(tokens)
+
+
 @torch.no_grad()
 def dynamic_steered_decode(
     model: nn.Module,
@@ -137,6 +151,7 @@ def dynamic_steered_decode(
     criteria: StoppingCriteriaList,
     pad_id: int,
     keep_logits: bool = False,
+    one_pass: bool = True,
 ) -> DynamicDecodeOutput:
     """Greedy or sampled decoding of a left-padded batch with steering recomputed at every step.
 
@@ -145,21 +160,31 @@ def dynamic_steered_decode(
     product (its weights are read once: at a 152k vocabulary the head is most of a small
     model's step), and the token is chosen from ``steering.steer(adapted, base)``
     as ``generate`` would choose it from logits (same warpers, same ``multinomial`` draw, pad
-    after a row has stopped), so a zero ``mu`` gives ``generate``'s tokens.
+    after a row has stopped), so a zero ``mu`` gives ``generate``'s tokens. With ``one_pass`` and
+    a LoRA adapter both states run in one forward of a doubled batch (:mod:`.mixed_dynamic`).
     """
+    from svdecode_pl.evaluation.mixed_dynamic import mixed_streams
+
+    with mixed_streams(model, attention_mask) if one_pass else contextlib.nullcontext() as mixed:
+        streams = mixed or TwoStreams(model, attention_mask)
+        return _decode(model, streams, input_ids, settings, steering, criteria, pad_id, keep_logits)
+
+
+def _decode(model: nn.Module, streams: Any, input_ids: torch.Tensor, settings: GenerationSettings,
+            steering: SteeringVector, criteria: StoppingCriteriaList, pad_id: int,
+            keep_logits: bool) -> DynamicDecodeOutput:
+    """The token loop of :func:`dynamic_steered_decode` over either kind of streams."""
     if settings.num_beams != 1:
         raise ValueError("dynamic steering decodes greedily or by sampling: num_beams must be 1")
     warpers = sampling_warpers(settings) if settings.do_sample else LogitsProcessorList()
-    adapted_stream = CachedStream(model, True, attention_mask)
-    base_stream = CachedStream(model, False, attention_mask)
     head = hf_model(model).get_output_embeddings()
     batch = input_ids.shape[0]
 
-    def logits_of(adapted_hidden: torch.Tensor, base_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = head(torch.cat([adapted_hidden, base_hidden])).float()
+    def logits_of(hidden: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(torch.cat(hidden)).float()
         return logits[:batch], logits[batch:]
 
-    adapted, base = logits_of(adapted_stream.prefill(input_ids), base_stream.prefill(input_ids))
+    adapted, base = logits_of(streams.prefill(input_ids))
     output = DynamicDecodeOutput(input_ids)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     pad_eos = any(hasattr(c, "eos_token_id") for c in criteria)
@@ -180,6 +205,6 @@ def dynamic_steered_decode(
         unfinished = unfinished & ~criteria(sequences, None)
         if unfinished.max() == 0:
             break
-        adapted, base = logits_of(adapted_stream.step(tokens), base_stream.step(tokens))
+        adapted, base = logits_of(streams.step(tokens))
     output.sequences = sequences
     return output

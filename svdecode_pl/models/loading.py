@@ -33,13 +33,15 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: DType = "float32") -> nn.Module:
-    """Any Hugging Face causal LM by hub id or local path (or a built-in tiny model name)."""
+def load_causal_lm(name_or_path: str, dtype: DType = "float32", attn_implementation: str | None = None) -> nn.Module:
+    """Any Hugging Face causal LM by hub id or local path (or a built-in tiny model name);
+    ``attn_implementation`` None: transformers' default."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     with loading_model(name_or_path):
-        return AutoModelForCausalLM.from_pretrained(resolve_name_or_path(name_or_path), dtype=torch_dtype)
+        extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        return AutoModelForCausalLM.from_pretrained(resolve_name_or_path(name_or_path), dtype=torch_dtype, **extra)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

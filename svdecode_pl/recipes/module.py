@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from peft import PeftConfig
 from torch import nn
 
+from svdecode_pl.evaluation.device_defaults import EvaluationDefaults, choose_evaluation_defaults, free_memory_of
 from svdecode_pl.evaluation.evaluator import Evaluator
 from svdecode_pl.evaluation.items import VARIANTS, Record
 from svdecode_pl.evaluation.settings import EvaluationSettings, ScoringSettings
 from svdecode_pl.metrics.per_question import QuestionTable
 from svdecode_pl.models.adapters import initialize_adapter, load_checked_adapter, save_adapter
-from svdecode_pl.models.heads import output_vocab_size, target_hidden_states
+from svdecode_pl.models.heads import hf_model, output_vocab_size, target_hidden_states
 from svdecode_pl.models.loading import DType, load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from svdecode_pl.models.zero import hf_zero3_loading
 from svdecode_pl.recipes.optimizer import OptimizerName, build_optimizer
@@ -46,7 +48,8 @@ class SVDecodeModule(LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         chunk_tokens: int = 256,
-        score_batch_tokens: int = 0,
+        score_batch_tokens: int | None = None,
+        attn_implementation: str | None = None,
         init_seed: int = 0,
         optimizer: OptimizerName = "adamw",
     ) -> None:
@@ -62,11 +65,15 @@ class SVDecodeModule(LightningModule):
             weight_decay: Decoupled (AdamW) weight decay; plain L2 for SGD.
             chunk_tokens: Positions whose logits are materialised at once (memory bound at
                 large vocabularies).
-            score_batch_tokens: 0 (default): the questions of a loader batch packed one after the other
-                into long rows, each attending only to itself and the cached primer, so a question's
+            score_batch_tokens: None (default): chosen from the device (CPU 0, CUDA sized from free
+                memory; see :func:`~svdecode_pl.evaluation.device_defaults.choose_evaluation_defaults`,
+                printed once and recorded in results.json). 0: the questions of a loader batch packed
+                one after the other into long rows, each attending only to itself and the cached primer, so a question's
                 scores do not depend on which questions share a pass and 1 and N processes agree bit
                 for bit (on CPU). N > 0: length-sorted questions batched with padding up to N tokens
                 (for GPUs, e.g. 16384; float32 rounding then varies with the batch, ~1e-8).
+            attn_implementation: The model's attention (``sdpa``, ``eager``, ...); None: transformers'
+                default (``sdpa`` where the model has it; packed scoring needs ``sdpa`` or ``eager``).
             init_seed: Seed of the adapter's initialisation: the same adapter under any
                 strategy (DDP, ZeRO-2/3) and any number of processes.
             optimizer: ``adamw``, or ``sgd`` (no momentum: the update is proportional to the
@@ -81,7 +88,8 @@ class SVDecodeModule(LightningModule):
         self.tokenizer = None
         #: The one owner of the evaluation settings: scoring from these hyper-parameters, decoding and
         #: judges from the task at test/predict start, steering attached by the steering callback.
-        self.evaluation = EvaluationSettings(ScoringSettings(chunk_tokens, score_batch_tokens))
+        self.evaluation = EvaluationSettings(ScoringSettings(chunk_tokens, score_batch_tokens or 0))
+        self.evaluation_defaults: EvaluationDefaults | None = None  # the device's choice, once
         self.strict_loading = False  # checkpoints hold only the trainable (adapter) weights
         self.eval_table: QuestionTable | None = None
         self._evaluator: Evaluator | None = None
@@ -95,7 +103,7 @@ class SVDecodeModule(LightningModule):
             return
         trainer = self._trainer  # None when used outside a Trainer
         with hf_zero3_loading(trainer):
-            model = load_causal_lm(self.hparams.name_or_path, self.hparams.dtype)
+            model = load_causal_lm(self.hparams.name_or_path, self.hparams.dtype, self.hparams.attn_implementation)
         model.requires_grad_(False)
         if self.hparams.adapter_path:
             model = load_checked_adapter(model, self.hparams.adapter_path, self.hparams.name_or_path, trainer)
@@ -201,7 +209,20 @@ class SVDecodeModule(LightningModule):
             raise ValueError("evaluation needs a task data module (data.class_path in the config)")
         return datamodule
 
+    def _choose_defaults(self) -> None:
+        """Fill the unset evaluation options from the device, once, and say what was chosen."""
+        if self.evaluation_defaults is not None or self.hparams.score_batch_tokens is not None:
+            return
+        dtype_bytes = next(self.model.parameters()).element_size()
+        config = hf_model(self.model).config
+        chosen = choose_evaluation_defaults(str(self.device), free_memory_of(self.device), config, dtype_bytes)
+        # the attention actually in use (the user's, or transformers' default at load)
+        self.evaluation_defaults = replace(chosen, attn_implementation=str(config._attn_implementation))
+        self.evaluation.scoring.score_batch_tokens = self.evaluation_defaults.score_batch_tokens
+        rank_zero_info(self.evaluation_defaults.describe())
+
     def _start_evaluation(self) -> None:
+        self._choose_defaults()
         datamodule = self.datamodule
         self.evaluation.generation = datamodule.generation_settings()
         self.evaluation.judges = datamodule.judge_settings()
@@ -245,6 +266,8 @@ class SVDecodeModule(LightningModule):
             curve = mu_curve(datamodule.metric_names, table.columns, values, grid, self.steering_vector)
         payload = results_payload(datamodule.task_name, int(ids.numel()), self.steering_vector, metrics, self.trainer,
                                   per_group=per_group, model=self.model_summary(), mu_curve=curve)
+        if self.evaluation_defaults is not None:
+            payload["evaluation_defaults"] = self.evaluation_defaults.as_dict()
         self._write_results(payload)
 
     @rank_zero_only
