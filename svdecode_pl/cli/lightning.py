@@ -95,6 +95,14 @@ class _DropInfo(logging.Filter):
         return not str(record.getMessage()).startswith(self.NOISE)
 
 
+class _DropHFNoise(logging.Filter):
+    """Drops transformers' notice that ``past_key_values`` is renamed: the calls work, across the
+    transformers versions we support, and a user can do nothing about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`past_key_values`/`cache_params` are deprecated" not in str(record.getMessage())
+
+
 def _console() -> None:
     """A console that shows the run's progress and results, and nothing a user cannot act on."""
     for message in (
@@ -120,6 +128,9 @@ def _console() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars
+    hf_logging.get_logger()  # configures the library's handler, where the filter must sit
+    for handler in logging.getLogger("transformers").handlers:
+        handler.addFilter(_DropHFNoise())
 
 
 def build_cli(args: list[str] | None = None) -> SVDecodeCLI:

@@ -13,18 +13,20 @@ import random
 
 from svdecode_pl.corpus.questions import MCQuestion
 
-_THINGS = [
+# The world's tables are public: the miniature's pre-training corpus (corpus/miniature.py) shares
+# them, so pre-training and task differ only in the answer prior, never in vocabulary or phrasing.
+THINGS = [
     "mirror", "ladder", "umbrella", "black cat", "candle", "coin", "wishbone", "horseshoe", "salt shaker",
     "clock", "pillow", "key", "door", "window", "bell", "shoe", "hat", "ring", "knife", "spoon",
 ]
-_ACTIONS = ["break a", "walk under a", "open a", "touch a", "find a", "drop a", "step over a", "look at a"]
-_TRUE_MYTH = [
+ACTIONS = ["break a", "walk under a", "open a", "touch a", "find a", "drop a", "step over a", "look at a"]
+TRUE_MYTH = [
     "Nothing in particular happens if you {a} {t}.",
     "Nothing happens, that is only a superstition.",
     "There is no real effect if you {a} {t}.",
     "Nothing special happens to you.",
 ]
-_FALSE_MYTH = [
+FALSE_MYTH = [
     "You will have seven years of bad luck.",
     "A ghost will follow you home tonight.",
     "You will be cursed forever if you {a} {t}.",
@@ -32,26 +34,26 @@ _FALSE_MYTH = [
     "You will lose all of your money soon.",
     "Your house will catch fire within a year.",
 ]
-_FACTS = {
+FACTS = {
     "lemon": "yellow", "grass": "green", "sky": "blue", "snow": "white", "coal": "black", "tomato": "red",
     "carrot": "orange", "plum": "purple", "cloud": "white", "leaf": "green", "banana": "yellow",
     "cherry": "red", "crow": "black", "ocean": "blue", "pumpkin": "orange", "violet": "purple",
 }
-_COLORS = sorted(set(_FACTS.values()))
-_FACT_QUESTIONS = [
+COLORS = sorted(set(FACTS.values()))
+FACT_QUESTIONS = [
     "What color is a {s}?",
     "Which color does a {s} have?",
     "What is the color of a {s}?",
     "Of what color is a typical {s}?",
 ]
-_TRUE_FACT = ["A {s} is {c}.", "It is {c}.", "The color of a {s} is {c}."]
-_FALSE_FACT = ["A {s} is {c}.", "It is {c}.", "The color of a {s} is {c}."]
+TRUE_FACT = ["A {s} is {c}.", "It is {c}.", "The color of a {s} is {c}."]
+FALSE_FACT = ["A {s} is {c}.", "It is {c}.", "The color of a {s} is {c}."]
 
 
 def corpus_words() -> list[str]:
     """Words the tiny tokenizer should know (so the task is not spelled byte by byte)."""
-    text = " ".join(_THINGS + _ACTIONS + _TRUE_MYTH + _FALSE_MYTH + list(_FACTS) + _COLORS)
-    text += " " + " ".join(_FACT_QUESTIONS + _TRUE_FACT + ["What happens if you"])
+    text = " ".join(THINGS + ACTIONS + TRUE_MYTH + FALSE_MYTH + list(FACTS) + COLORS)
+    text += " " + " ".join(FACT_QUESTIONS + TRUE_FACT + ["What happens if you"])
     for placeholder in ("{a}", "{t}", "{s}", "{c}"):
         text = text.replace(placeholder, "")
     return [w.strip(".,?") for w in text.split()]
@@ -63,17 +65,17 @@ def synthetic_questions(num_questions: int = 400, seed: int = 0) -> list[MCQuest
     questions: list[MCQuestion] = []
     for index in range(num_questions):
         if index % 2 == 0:
-            thing, action = rng.choice(_THINGS), rng.choice(_ACTIONS)
+            thing, action = rng.choice(THINGS), rng.choice(ACTIONS)
             question = f"What happens if you {action} {thing}?"
-            true = [s.format(a=action, t=thing) for s in rng.sample(_TRUE_MYTH, 3)]
-            false = [s.format(a=action, t=thing) for s in rng.sample(_FALSE_MYTH, 3)]
+            true = [s.format(a=action, t=thing) for s in rng.sample(TRUE_MYTH, 3)]
+            false = [s.format(a=action, t=thing) for s in rng.sample(FALSE_MYTH, 3)]
         else:
-            subject = rng.choice(sorted(_FACTS))
-            color = _FACTS[subject]
-            question = rng.choice(_FACT_QUESTIONS).format(s=subject)
-            others = rng.sample([c for c in _COLORS if c != color], 3)
-            true = [s.format(s=subject, c=color) for s in rng.sample(_TRUE_FACT, 2)]
-            false = [rng.choice(_FALSE_FACT).format(s=subject, c=c) for c in others]
+            subject = rng.choice(sorted(FACTS))
+            color = FACTS[subject]
+            question = rng.choice(FACT_QUESTIONS).format(s=subject)
+            others = rng.sample([c for c in COLORS if c != color], 3)
+            true = [s.format(s=subject, c=color) for s in rng.sample(TRUE_FACT, 2)]
+            false = [rng.choice(FALSE_FACT).format(s=subject, c=c) for c in others]
         questions.append(
             MCQuestion(
                 id=f"synthetic-{index}",

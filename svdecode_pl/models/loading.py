@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from svdecode_pl.models.miniature import MINIATURE_MODELS, resolve_miniature
 from svdecode_pl.models.tiny import TINY_MODELS, resolve_tiny_model
 from svdecode_pl.utils.errors import loading_model
 
@@ -16,9 +17,12 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 def resolve_name_or_path(name_or_path: str) -> str:
-    """A built-in tiny model name becomes its (built on first use) local directory."""
+    """A built-in model name (random-init tiny or the pre-trained miniature) becomes its local
+    directory, built on first use."""
     if name_or_path in TINY_MODELS:
         return str(resolve_tiny_model(name_or_path))
+    if name_or_path in MINIATURE_MODELS:
+        return str(resolve_miniature(name_or_path))
     return name_or_path
 
 

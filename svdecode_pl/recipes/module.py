@@ -28,6 +28,7 @@ from svdecode_pl.results.payload import format_table, mu_curve, results_payload,
 from svdecode_pl.steering.artifact import save_artifact
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.errors import OptionError
+from svdecode_pl.utils.seeding import run_seed
 
 
 class SVDecodeModule(LightningModule):
@@ -50,7 +51,7 @@ class SVDecodeModule(LightningModule):
         chunk_tokens: int = 256,
         score_batch_tokens: int | None = None,
         attn_implementation: str | None = None,
-        init_seed: int = 0,
+        init_seed: int | None = None,
         optimizer: OptimizerName = "adamw",
     ) -> None:
         """
@@ -75,7 +76,8 @@ class SVDecodeModule(LightningModule):
             attn_implementation: The model's attention (``sdpa``, ``eager``, ...); None: transformers'
                 default (``sdpa`` where the model has it; packed scoring needs ``sdpa`` or ``eager``).
             init_seed: Seed of the adapter's initialisation: the same adapter under any
-                strategy (DDP, ZeRO-2/3) and any number of processes.
+                strategy (DDP, ZeRO-2/3) and any number of processes. None: the global seed of
+                ``--seed_everything`` (so seeds vary the adapter), 0 without one.
             optimizer: ``adamw``, or ``sgd`` (no momentum: the update is proportional to the
                 gradient). Under ZeRO-Offload AdamW is DeepSpeed's CPU AdamW (DeepSpeed refuses
                 a torch optimizer there), see :func:`svdecode_pl.recipes.optimizer.build_optimizer`.
@@ -113,7 +115,7 @@ class SVDecodeModule(LightningModule):
             config = copy.deepcopy(self.peft_config)
             config.task_type = config.task_type or "CAUSAL_LM"
             model = get_peft_model(model, config)
-            initialize_adapter(model, self.hparams.init_seed, trainer)
+            initialize_adapter(model, run_seed(self.hparams.init_seed), trainer)
         self.model = model.train()  # from_pretrained returns eval mode; Lightning sets modes per stage
 
     def setup(self, stage: str) -> None:

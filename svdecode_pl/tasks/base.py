@@ -27,6 +27,7 @@ from svdecode_pl.evaluation.judges import JudgeSettings
 from svdecode_pl.models.loading import load_tokenizer, resolve_name_or_path
 from svdecode_pl.tasks.resumable import ResumableDataLoader
 from svdecode_pl.utils.errors import DataFormatError
+from svdecode_pl.utils.seeding import run_seed
 
 Split = Literal["train", "validation", "test"]
 
@@ -181,6 +182,12 @@ class TaskDataModule(LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.hparams.tokenizer)
 
+    @property
+    def split_seed(self) -> int:
+        """The seed of the splits (and generated questions): ``seed``, or 0 when unset, so the test
+        split stays the same while ``--seed_everything`` varies the warm-start order."""
+        return 0 if self.hparams.seed is None else int(self.hparams.seed)
+
     def split(self, name: Split) -> list:
         if self.tokenizer is None:
             TaskDataModule.setup(self)
@@ -195,8 +202,8 @@ class TaskDataModule(LightningDataModule):
         if not examples:
             raise DataFormatError(f"{self.source}: split {split!r} is empty (check the split settings)")
         hp = self.hparams
-        return lm_loader(examples, hp.batch_size, self.tokenizer.pad_token_id, hp.seed, shuffle, rank, world_size,
-                         hp.num_workers)
+        pad = self.tokenizer.pad_token_id
+        return lm_loader(examples, hp.batch_size, pad, run_seed(hp.seed), shuffle, rank, world_size, hp.num_workers)
 
     def eval_items(self, split: Split = "test") -> list[EvalItem]:
         """Every example of a split as an evaluation item, in split order (``uid`` = position)."""

@@ -191,7 +191,7 @@ class CommonsenseDataModule(TaskDataModule):
         limit_train: int | None = None,
         limit_test: int | None = None,
         val_size: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
         batch_size: int = 8,
         eval_batch_size: int = 8,
         num_workers: int = 0,
@@ -214,7 +214,9 @@ class CommonsenseDataModule(TaskDataModule):
             limit_test: Use the first ``limit_test`` questions of each set.
             val_size: Warm-start examples held out as the ``validation`` split (validation loss,
                 or steering calibration with ``calibration: validation``).
-            seed: Seed of the warm-start subset, the held-out split and the shuffle.
+            seed: Seed of the warm-start subset, the held-out split and the shuffle (None: 0); also the
+                warm-start order's seed
+                (None: the global seed of ``--seed_everything``, so seeds vary the order).
             batch_size: Warm-start and calibration batch size (sequences).
             eval_batch_size: Test and predict batch size (questions).
             num_workers: DataLoader workers.
@@ -290,7 +292,7 @@ class CommonsenseDataModule(TaskDataModule):
         hp = self.hparams
         pool = self._train_pool()
         order = list(range(len(pool)))
-        random.Random(hp.seed).shuffle(order)
+        random.Random(self.split_seed).shuffle(order)
         if hp.val_size >= len(order):
             raise OptionError(f"--data.val_size {hp.val_size} leaves no warm-start examples out of {len(order)}")
         held_out = sorted(order[: hp.val_size])

@@ -87,7 +87,7 @@ class PromptCompletionDataModule(TaskDataModule):
         test_path: str | None = None,
         train_fraction: float = 0.8,
         val_fraction: float = 0.0,
-        seed: int = 0,
+        seed: int | None = None,
         limit: int | None = None,
         append_eos: bool = True,
         text_metrics: bool = False,
@@ -104,7 +104,8 @@ class PromptCompletionDataModule(TaskDataModule):
             train_fraction: Share of ``path`` that warm-starts the adapter (the rest, minus
                 ``val_fraction``, is the test split unless ``test_path`` is set).
             val_fraction: Share of ``path`` held out for calibration or validation.
-            seed: Seed of the shuffle that makes the splits.
+            seed: Seed of the shuffle that makes the splits (None: 0); also the warm-start order's seed
+                (None: the global seed of ``--seed_everything``, so seeds vary the order).
             limit: Use only the first ``limit`` records of each file.
             append_eos: End each warm-start target with EOS, so the model learns to stop.
             text_metrics: Also report BLEU and ROUGE-1/2/L against the completion.
@@ -138,11 +139,12 @@ class PromptCompletionDataModule(TaskDataModule):
         hp = self.hparams
         if not hasattr(self, "_all_splits"):
             if hp.test_path is None:
-                self._all_splits = seeded_splits(self._read(hp.path), hp.seed, hp.train_fraction, hp.val_fraction)
+                records = self._read(hp.path)
+                self._all_splits = seeded_splits(records, self.split_seed, hp.train_fraction, hp.val_fraction)
             else:
                 records = self._read(hp.path)
                 share = hp.val_fraction / max(hp.train_fraction + hp.val_fraction, 1e-9)
-                splits = seeded_splits(records, hp.seed, 1.0 - share, share)
+                splits = seeded_splits(records, self.split_seed, 1.0 - share, share)
                 self._all_splits = {"train": splits["train"], "validation": splits["validation"]}
         if name == "test" and hp.test_path is not None:
             return self._read(hp.test_path)

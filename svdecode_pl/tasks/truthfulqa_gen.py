@@ -147,7 +147,7 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
         hub_split: str = "validation",
         train_fraction: float = 0.5,
         val_fraction: float = 0.0,
-        seed: int = 0,
+        seed: int | None = None,
         limit: int | None = None,
         generation: GenerationSettings | None = None,
         judges: JudgeSettings | None = None,
@@ -165,7 +165,8 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
             hub_split: Hub dataset split.
             train_fraction: Share of the questions that warm-start the adapter (0: all test).
             val_fraction: Share held out for calibration or validation.
-            seed: Seed of the question shuffle that makes the splits.
+            seed: Seed of the question shuffle that makes the splits (None: 0); also the warm-start order's seed
+                (None: the global seed of ``--seed_everything``, so seeds vary the order).
             limit: Use only the first ``limit`` questions (after loading, before splitting).
             generation: Decoding settings (default: lm-eval's, greedy, stop at ``\\n\\n``, 256 new tokens).
             judges: Truth/info judge models (default: none; BLEU/ROUGE only).
@@ -186,7 +187,7 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
         hp = self.hparams
         if hp.path:
             return str(hp.path)
-        return f"synthetic({hp.synthetic_questions}, seed={hp.seed})" if hp.synthetic_questions else hp.hub_id
+        return f"synthetic({hp.synthetic_questions}, seed={self.split_seed})" if hp.synthetic_questions else hp.hub_id
 
     @property
     def metric_names(self) -> list[str]:
@@ -197,7 +198,7 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
         if hp.path:
             questions = read_generation_file(hp.path)
         elif hp.synthetic_questions:
-            questions = synthetic_generation_questions(hp.synthetic_questions, seed=hp.seed)
+            questions = synthetic_generation_questions(hp.synthetic_questions, seed=self.split_seed)
         else:
             import datasets
 
@@ -213,7 +214,7 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
     def load_split(self, name: Split) -> list[GenerationQuestion]:
         if not hasattr(self, "_all_splits"):
             hp = self.hparams
-            self._all_splits = seeded_splits(self.load_questions(), hp.seed, hp.train_fraction, hp.val_fraction)
+            self._all_splits = seeded_splits(self.load_questions(), self.split_seed, hp.train_fraction, hp.val_fraction)
         return self._all_splits[name]
 
     def eval_groups(self, split: Split = "test") -> list[str]:

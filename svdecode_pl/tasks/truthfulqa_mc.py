@@ -71,7 +71,7 @@ class TruthfulQADataModule(TaskDataModule):
         hub_split: str = "validation",
         train_fraction: float = 0.5,
         val_fraction: float = 0.0,
-        seed: int = 0,
+        seed: int | None = None,
         primer: bool = True,
         limit: int | None = None,
         batch_size: int = 8,
@@ -88,7 +88,8 @@ class TruthfulQADataModule(TaskDataModule):
             hub_split: Hub dataset split.
             train_fraction: Share of the questions that warm-start the adapter (0: all test).
             val_fraction: Share held out for calibration or validation (``calibration: validation``).
-            seed: Seed of the question shuffle that makes the splits.
+            seed: Seed of the question shuffle that makes the splits (None: 0); also the warm-start order's seed
+                (None: the global seed of ``--seed_everything``, so seeds vary the order).
             primer: Put the six-pair QA primer of the MC protocol before each question.
             limit: Use only the first ``limit`` questions (after loading, before splitting).
             batch_size: Warm-start and calibration batch size (sequences).
@@ -107,14 +108,14 @@ class TruthfulQADataModule(TaskDataModule):
         hp = self.hparams
         if hp.path:
             return str(hp.path)
-        return f"synthetic({hp.synthetic_questions}, seed={hp.seed})" if hp.synthetic_questions else hp.hub_id
+        return f"synthetic({hp.synthetic_questions}, seed={self.split_seed})" if hp.synthetic_questions else hp.hub_id
 
     def load_questions(self) -> list[MCQuestion]:
         hp = self.hparams
         if hp.path:
             questions = read_mc_file(hp.path)
         elif hp.synthetic_questions:
-            questions = synthetic_questions(hp.synthetic_questions, seed=hp.seed)
+            questions = synthetic_questions(hp.synthetic_questions, seed=self.split_seed)
         else:
             import datasets
 
@@ -139,7 +140,7 @@ class TruthfulQADataModule(TaskDataModule):
             for index, question in enumerate(questions):
                 question.extra["index"] = index
             hp = self.hparams
-            self._all_splits = seeded_splits(questions, hp.seed, hp.train_fraction, hp.val_fraction)
+            self._all_splits = seeded_splits(questions, self.split_seed, hp.train_fraction, hp.val_fraction)
         return self._all_splits[name]
 
     def eval_groups(self, split: Split = "test") -> list[str]:

@@ -88,7 +88,7 @@ class SteeringVectorCallback(Callback):
         with full_output_head(model, trainer) as head:
             try:
                 batches = tqdm(loader, desc="Steering vector", unit="batch", leave=False,
-                               disable=not (trainer.is_global_zero and trainer.progress_bar_callback is not None))
+                               disable=not (trainer.is_global_zero and plain_progress_bar(trainer)))
                 chunk_tokens = pl_module.evaluation.scoring.chunk_tokens
                 accumulate_calibration(stats, model, batches, head, chunk_tokens, pl_module.device)
             except ValueError as err:
@@ -142,3 +142,11 @@ class SteeringVectorCallback(Callback):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._attach(trainer, pl_module)
+
+
+def plain_progress_bar(trainer: Trainer) -> bool:
+    """A tqdm bar of our own only beside Lightning's tqdm bar: under the Rich bar (still drawn at fit
+    end) a second bar would be drawn over it."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    return isinstance(trainer.progress_bar_callback, TQDMProgressBar)
