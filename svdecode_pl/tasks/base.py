@@ -161,8 +161,9 @@ class TaskDataModule(LightningDataModule):
 
     def eval_groups(self, split: Split = "test") -> list[str]:
         """The groups (e.g. TruthfulQA categories) a split's items belong to, reported one by one
-        in results.json; the same list on every process. Default: none."""
-        return []
+        in results.json; the same list on every process. Default: the examples' ``category``
+        attribute, where they have one."""
+        return sorted({c for example in self.split(split) if (c := getattr(example, "category", None))})
 
     def generation_settings(self) -> GenerationSettings | None:
         """How the task's generation items are decoded; None for a task without generation items."""

@@ -150,9 +150,6 @@ class PromptCompletionDataModule(TaskDataModule):
             return self._read(hp.test_path)
         return self._all_splits[name]
 
-    def eval_groups(self, split: Split = "test") -> list[str]:
-        return sorted({r.category for r in self.split(split) if r.category})
-
     def generation_settings(self) -> GenerationSettings:
         return self.generation
 

@@ -217,9 +217,6 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
             self._all_splits = seeded_splits(self.load_questions(), self.split_seed, hp.train_fraction, hp.val_fraction)
         return self._all_splits[name]
 
-    def eval_groups(self, split: Split = "test") -> list[str]:
-        return sorted({q.category for q in self.split(split) if q.category})
-
     def generation_settings(self) -> GenerationSettings:
         return self.generation
 
