@@ -376,9 +376,10 @@ def _option_path_and_combination_inputs(root: Path) -> dict[str, tuple[list[str]
                               f"--model.adapter_path {root / 'a_file'}: is a file, not an adapter directory"),
         "checkpoint missing": (["--ckpt_path", str(root / "nope.ckpt")], f"--ckpt_path {root / 'nope.ckpt'}: no such"),
         # combinations
-        "dynamic steering with beams": (["--config", generation, "--steering.mode", "dynamic",
-                                         "--data.generation.num_beams", "3"],
-                                        "--steering.mode dynamic cannot run with --data.generation.num_beams 3"),
+        # (dynamic steering with beam search was one; it runs now: tests/test_dynamic_beams.py)
+        "sampling at temperature 0": (
+            ["--config", generation, "--data.generation.do_sample", "true", "--data.generation.temperature", "0"],
+            "--data.generation.do_sample true cannot run with --data.generation.temperature 0"),
     }
 
 
@@ -420,7 +421,7 @@ EARLY_CASES = [
     "misspelt option", "misspelt data option", "missing config file", "config not yaml", "config a directory",
     "value outside a choice", "steering mode", "not a number", "run directory is a file",
     "run directory under a file", "steering directory is a file", "adapter is a file", "checkpoint missing",
-    "dynamic steering with beams",
+    "sampling at temperature 0",
 ]
 
 
@@ -472,9 +473,9 @@ def test_user_input_error_is_the_common_base():
     (["--model.dtype", "float8"], "--model.dtype float8: not one of auto, float32, bfloat16, float16",
      "did you mean float32"),
     (["--trainer.default_root_dir", "README.md"], "--trainer.default_root_dir README.md: is a file", None),
-    (["--config", str(ROOT / "configs" / "truthfulqa_gen" / "quickstart.yaml"), "--steering.mode", "dynamic",
-      "--data.generation.num_beams", "3"], "--steering.mode dynamic cannot run with --data.generation.num_beams 3",
-     None),
+    (["--config", str(ROOT / "configs" / "truthfulqa_gen" / "quickstart.yaml"), "--data.generation.do_sample", "true",
+      "--data.generation.temperature", "0"],
+     "--data.generation.do_sample true cannot run with --data.generation.temperature 0", None),
 ])
 def test_option_path_and_combination_mistakes_in_process(monkeypatch, capsys, args, first, hint):
     """The same refusals as the console script's, in-process: the parser raises instead of

@@ -75,8 +75,8 @@ def random_direction(model, seed: int = 1) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("mode", "strategy"),
-    # dynamic steering has no beam search (see test_dynamic_refuses_beams)
-    [("static", "greedy"), ("static", "sampling"), ("static", "beams"), ("dynamic", "greedy"), ("dynamic", "sampling")],
+    [("static", "greedy"), ("static", "sampling"), ("static", "beams"), ("dynamic", "greedy"), ("dynamic", "sampling"),
+     ("dynamic", "beams")],  # dynamic beams for every loop and adapter: test_dynamic_beams.py
 )
 def test_mu_zero_reproduces_plain_decoding(model_dir, tokenizer, prompts, strategy, mode):
     model = peft_model(model_dir)
@@ -260,12 +260,6 @@ def test_dynamic_loop_logits_equal_uncached_recomputation(model_dir, tokenizer, 
                 break
     assert not torch.equal(out.adapted_logits[0], out.base_logits[0])  # the adapter does something
     assert largest_shift > 0.1  # and the tokens followed steered logits, not the adapted ones
-
-
-def test_dynamic_refuses_beams(model_dir, tokenizer, prompts):
-    model = peft_model(model_dir)
-    with pytest.raises(ValueError, match="num_beams"):
-        generate_texts(model, tokenizer, prompts, STRATEGIES["beams"], SteeringVector(None, 1.0, mode="dynamic"))
 
 
 @pytest.mark.parametrize("mode", ["none", "static", "dynamic"])

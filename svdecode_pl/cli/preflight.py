@@ -1,7 +1,8 @@
 """A parsed command, checked before any class is instantiated (so before any model loads):
 every path the user names can be used, and the options combine into something that can run.
-Without this, a run directory that is a file ends in a traceback, and dynamic steering with beam
-search fails after the model has loaded and the test loop has started."""
+Without this, a run directory that is a file ends in a traceback, and a combination that cannot
+run (sampling at temperature 0) fails only once the classes are built. Dynamic steering with beam
+search is no such combination: the dynamic loop runs beam search (issue 20, item 3)."""
 
 from __future__ import annotations
 
@@ -103,12 +104,12 @@ def check_paths(config: Any) -> None:
 
 def check_combinations(config: Any) -> None:
     """Options that each hold but cannot run together, named both."""
-    steering_on = _get(config, "steering.enabled") is not False
-    beams = _get(config, "data.init_args.generation.num_beams")
-    if steering_on and _get(config, "steering.mode") == "dynamic" and beams is not None and int(beams) > 1:
+    generation = "data.init_args.generation"
+    temperature = _get(config, f"{generation}.temperature")
+    if _get(config, f"{generation}.do_sample") is True and temperature is not None and not float(temperature) > 0.0:
         raise OptionError(
-            f"--steering.mode dynamic cannot run with --data.generation.num_beams {beams}: dynamic steering "
-            "decodes greedily or by sampling (use --data.generation.num_beams 1, or --steering.mode static)"
+            f"--data.generation.do_sample true cannot run with --data.generation.temperature {temperature}: "
+            "sampling needs temperature > 0 (greedy decoding: --data.generation.do_sample false)"
         )
 
 

@@ -1,5 +1,6 @@
 """Dynamic steering's own decoding loop: the adapted and the base model side by side, each
-with its key/value cache, the direction recomputed from both logits at every step."""
+with its key/value cache, the direction recomputed from both logits at every step; greedy,
+sampling, or beam search (:mod:`.dynamic_beams`, both caches reordered with the beams)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from svdecode_pl.evaluation.dynamic_beams import beam_search
 from svdecode_pl.evaluation.generation_settings import GenerationSettings, sampling_warpers
 from svdecode_pl.models.heads import hf_model, hidden_states_as_logits, is_peft_model, is_prompt_learning
 from svdecode_pl.steering.vector import SteeringVector
@@ -31,6 +33,13 @@ class DynamicDecodeOutput:
     """Per step, the adapted model's (B, V) float32 logits (with ``keep_logits`` only)."""
     base_logits: list[torch.Tensor] = field(default_factory=list)
     """Per step, the pre-trained model's (B, V) float32 logits (with ``keep_logits`` only)."""
+
+
+def reorder_cache(cache: Any, beam_idx: torch.Tensor) -> None:
+    """Keep the cache rows of the surviving beams, in their new order (as ``generate`` does)."""
+    if not hasattr(cache, "reorder_cache"):
+        raise ValueError(f"beam search needs a reorderable KV cache, got {type(cache).__name__}")
+    cache.reorder_cache(beam_idx)
 
 
 def positions_of(mask: torch.Tensor) -> torch.Tensor:
@@ -126,6 +135,10 @@ class CachedStream:
         self.next_position = self.next_position + 1
         return hidden
 
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Follow the beams: the mask and positions are a prompt's, the same for all its beams."""
+        reorder_cache(self.cache, beam_idx)
+
 
 class TwoStreams:
     """The adapted and the base state as two :class:`CachedStream` passes (any adapter)."""
@@ -140,6 +153,10 @@ class TwoStreams:
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapted.step(tokens), self.base.step(tokens)
 
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        self.adapted.reorder(beam_idx)
+        self.base.reorder(beam_idx)
+
 
 @torch.no_grad()
 def dynamic_steered_decode(
@@ -153,18 +170,23 @@ def dynamic_steered_decode(
     keep_logits: bool = False,
     one_pass: bool = True,
 ) -> DynamicDecodeOutput:
-    """Greedy or sampled decoding of a left-padded batch with steering recomputed at every step.
+    """Greedy, sampled or beam-search decoding of a left-padded batch with steering recomputed at every step.
 
     Per step the adapted and the pre-trained model each run once on the new token with their
     own KV cache (no re-encoding); the output head maps both states' hidden states in one matrix
     product (its weights are read once: at a 152k vocabulary the head is most of a small
     model's step), and the token is chosen from ``steering.steer(adapted, base)``
     as ``generate`` would choose it from logits (same warpers, same ``multinomial`` draw, pad
-    after a row has stopped), so a zero ``mu`` gives ``generate``'s tokens. With ``one_pass`` and
-    a LoRA adapter both states run in one forward of a doubled batch (:mod:`.mixed_dynamic`).
+    after a row has stopped; under beam search, the same scoring of log_softmax of the steered
+    logits, see :mod:`.dynamic_beams`), so a zero ``mu`` gives ``generate``'s tokens. With
+    ``one_pass`` and a LoRA adapter both states run in one forward of a doubled batch (:mod:`.mixed_dynamic`).
+    With beams, ``keep_logits`` keeps each step's logits of the running beams (B * num_beams rows).
     """
     from svdecode_pl.evaluation.mixed_dynamic import mixed_streams
 
+    if settings.num_beams > 1:  # every prompt once per beam, as ``generate`` expands its inputs
+        input_ids = input_ids.repeat_interleave(settings.num_beams, dim=0)
+        attention_mask = attention_mask.repeat_interleave(settings.num_beams, dim=0)
     with mixed_streams(model, attention_mask) if one_pass else contextlib.nullcontext() as mixed:
         streams = mixed or TwoStreams(model, attention_mask)
         return _decode(model, streams, input_ids, settings, steering, criteria, pad_id, keep_logits)
@@ -174,25 +196,36 @@ def _decode(model: nn.Module, streams: Any, input_ids: torch.Tensor, settings: G
             steering: SteeringVector, criteria: StoppingCriteriaList, pad_id: int,
             keep_logits: bool) -> DynamicDecodeOutput:
     """The token loop of :func:`dynamic_steered_decode` over either kind of streams."""
-    if settings.num_beams != 1:
-        raise ValueError("dynamic steering decodes greedily or by sampling: num_beams must be 1")
-    warpers = sampling_warpers(settings) if settings.do_sample else LogitsProcessorList()
     head = hf_model(model).get_output_embeddings()
     batch = input_ids.shape[0]
+    output = DynamicDecodeOutput(input_ids)
 
     def logits_of(hidden: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = head(torch.cat(hidden)).float()
         return logits[:batch], logits[batch:]
 
+    def record(adapted: torch.Tensor, base: torch.Tensor) -> None:
+        output.adapted_logits.append(adapted.clone())
+        output.base_logits.append(base.clone())
+
+    if settings.num_beams > 1:
+        def advance(tokens: torch.Tensor | None, beam_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            if tokens is None:
+                return logits_of(streams.prefill(input_ids))
+            streams.reorder(beam_idx)
+            return logits_of(streams.step(tokens))
+
+        output.sequences = beam_search(advance, input_ids, settings, steering, criteria, pad_id,
+                                       record if keep_logits else None)
+        return output
+    warpers = sampling_warpers(settings) if settings.do_sample else LogitsProcessorList()
     adapted, base = logits_of(streams.prefill(input_ids))
-    output = DynamicDecodeOutput(input_ids)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     pad_eos = any(hasattr(c, "eos_token_id") for c in criteria)
     sequences = input_ids
     while True:
         if keep_logits:
-            output.adapted_logits.append(adapted.clone())
-            output.base_logits.append(base.clone())
+            record(adapted, base)
         scores = steering.steer(adapted, base)
         if settings.do_sample:
             probs = torch.softmax(warpers(sequences, scores), dim=-1)

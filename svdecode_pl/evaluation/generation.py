@@ -3,7 +3,8 @@
 - no vector: plain ``generate``;
 - a static vector: ``generate`` with :class:`SteeringLogitsProcessor` (greedy, sampling, beams);
 - a dynamic vector: :func:`dynamic_steered_decode`, a loop of our own that runs the adapted and
-  the pre-trained model once per step, each with its own KV cache (greedy, sampling).
+  the pre-trained model once per step, each with its own KV cache (greedy, sampling, beams: both
+  caches reordered with the beams).
 
 Decoding is determined by :class:`GenerationSettings` alone: a checkpoint's generation_config
 cannot switch on a processor (repetition penalty, top-k 50, suppressed tokens, ...).
@@ -26,7 +27,7 @@ from transformers import (
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from svdecode_pl.evaluation.dynamic import dynamic_steered_decode
-from svdecode_pl.evaluation.generation_settings import GenerationSettings
+from svdecode_pl.evaluation.generation_settings import BEAM_EARLY_STOPPING, BEAM_LENGTH_PENALTY, GenerationSettings
 from svdecode_pl.models.heads import hf_model
 from svdecode_pl.steering.processor import SteeringLogitsProcessor
 from svdecode_pl.steering.vector import SteeringVector
@@ -90,8 +91,9 @@ def generation_config(settings: GenerationSettings, eos_ids: list[int], pad_id: 
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens, min_length=0, do_sample=settings.do_sample,
         num_beams=settings.num_beams, num_return_sequences=1, **warpers, repetition_penalty=1.0,
-        encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0,
-        early_stopping=False, renormalize_logits=False, remove_invalid_values=False, guidance_scale=1.0,
+        encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+        length_penalty=BEAM_LENGTH_PENALTY, early_stopping=BEAM_EARLY_STOPPING, renormalize_logits=False,
+        remove_invalid_values=False, guidance_scale=1.0,
         pad_token_id=pad_id, eos_token_id=eos_ids, use_cache=True,
     )
 
@@ -148,8 +150,6 @@ def generate_sequences(
     eos_ids = stop_token_ids(model, tokenizer)
     with seeded(settings.seed, device):
         if steering is not None and steering.needs_base_logits:
-            if settings.num_beams > 1:
-                raise ValueError("dynamic steering decodes greedily or by sampling: num_beams must be 1")
             criteria = stopping_criteria(tokenizer, settings, input_ids.shape[1], eos_ids)
             out = dynamic_steered_decode(model, input_ids, attention_mask, settings, steering, criteria, pad_id)
             return out.sequences
@@ -201,7 +201,7 @@ def generate_texts(
     lm-eval's ``HFLM.generate_until`` does (which also counts the EOS text as a stop string).
 
     ``steering=None``: plain decoding; a static vector: ``generate`` with the steering
-    processor; a dynamic one: :func:`dynamic_steered_decode` (no beams).
+    processor; a dynamic one: :func:`dynamic_steered_decode`.
     """
     eos_text = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False) if tokenizer.eos_token else None
     stop = settings.stop + ([eos_text] if eos_text and eos_text not in settings.stop else [])

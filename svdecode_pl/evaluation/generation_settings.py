@@ -13,6 +13,11 @@ from transformers import (
 
 from svdecode_pl.utils.errors import OptionError
 
+#: Beam search's length penalty and early stopping, for ``generate`` and the dynamic loop alike
+#: (transformers' defaults: finished beams score sum(log p) / length; the heuristic early stop).
+BEAM_LENGTH_PENALTY = 1.0
+BEAM_EARLY_STOPPING: bool | str = False
+
 
 @dataclass
 class GenerationSettings:
@@ -29,7 +34,7 @@ class GenerationSettings:
     top_k: int = 0
     """Sample among the k most likely tokens only (0: off)."""
     num_beams: int = 1
-    """Beam search with this many beams (1: off); static steering or none only."""
+    """Beam search with this many beams (1: off); with any steering, static or dynamic."""
     stop: list[str] = field(default_factory=lambda: ["\n\n"])
     """Stop strings (lm-eval truthfulqa_gen's ``until``): the text is cut at the first one; EOS always stops."""
     seed: int | None = None
@@ -50,13 +55,14 @@ class GenerationSettings:
         self.stop = list(self.stop)
 
 
-def sampling_warpers(settings: GenerationSettings) -> LogitsProcessorList:
-    """The warpers ``generate`` applies when sampling, in its order (temperature, top-k, top-p)."""
+def sampling_warpers(settings: GenerationSettings, min_tokens_to_keep: int = 1) -> LogitsProcessorList:
+    """The warpers ``generate`` applies when sampling, in its order (temperature, top-k, top-p);
+    beam sampling keeps ``#EOS + 1`` tokens, as ``generate`` does."""
     warpers = LogitsProcessorList()
     if settings.temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(settings.temperature))
     if settings.top_k != 0:
-        warpers.append(TopKLogitsWarper(top_k=settings.top_k, min_tokens_to_keep=1))
+        warpers.append(TopKLogitsWarper(top_k=settings.top_k, min_tokens_to_keep=min_tokens_to_keep))
     if settings.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p=settings.top_p, min_tokens_to_keep=1))
+        warpers.append(TopPLogitsWarper(top_p=settings.top_p, min_tokens_to_keep=min_tokens_to_keep))
     return warpers

@@ -98,6 +98,12 @@ class MixedStreams:
         self.next_position = self.next_position + 1
         return hidden
 
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Follow the beams in both halves of the cache (adapted rows, then base rows)."""
+        from svdecode_pl.evaluation.dynamic import reorder_cache
+
+        reorder_cache(self.cache, torch.cat([beam_idx, beam_idx + self.batch]))
+
 
 @contextlib.contextmanager
 def mixed_streams(model: nn.Module, attention_mask: torch.Tensor) -> Iterator[MixedStreams | None]:

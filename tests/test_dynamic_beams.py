@@ -1,0 +1,192 @@
+"""Dynamic steering under beam search: at mu = 0 the loop's beams are ``generate(num_beams=k)``'s,
+token for token (one-pass LoRA loop and two-pass loop, every adapter ``generate`` handles), and
+steered beams rank by log_softmax(z_phi + mu*delta_z), as transformers' own beam search ranks them
+when it is handed those log-probabilities, recomputed without any cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from transformers import LogitsProcessorList
+
+from svdecode_pl.evaluation import mixed_dynamic
+from svdecode_pl.evaluation.dynamic import positions_of
+from svdecode_pl.evaluation.dynamic_beams import beam_search
+from svdecode_pl.evaluation.generation import (
+    GenerationSettings,
+    checkpoint_defaults_ignored,
+    generate_sequences,
+    generation_config,
+    left_padded,
+    stop_token_ids,
+    stopping_criteria,
+)
+from svdecode_pl.models.heads import hf_model
+from svdecode_pl.models.loading import load_causal_lm, load_tokenizer
+from svdecode_pl.models.tiny import build_tiny_model
+from svdecode_pl.steering.vector import SteeringVector
+
+ADAPTERS = {
+    "lora": lambda: LoraConfig(r=4, task_type="CAUSAL_LM", init_lora_weights=False),
+    "ia3": lambda: IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False),
+    "prompt_tuning": lambda: PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    "prefix_tuning": lambda: PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+}
+TEXTS = ["Q: What happens if you break a mirror?\nA:", "Q: Why?\nA:", "Hello there", "The capital of France is"]
+BEAMS = GenerationSettings(max_new_tokens=8, stop=[], num_beams=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("beams") / "flat", embedding_std=0.05))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return [tokenizer(t)["input_ids"] for t in TEXTS]  # different lengths: left padding
+
+
+def peft_model(model_dir: str, adapter: str = "lora"):
+    torch.manual_seed(0)
+    return get_peft_model(load_causal_lm(model_dir), ADAPTERS[adapter]()).eval()
+
+
+def two_pass_only(monkeypatch, one_pass: bool) -> None:
+    if not one_pass:
+        monkeypatch.setattr(mixed_dynamic, "mixed_batch_support", lambda model: (False, "forced"))
+
+
+@pytest.mark.parametrize(("adapter", "one_pass"),
+                         [("lora", True), ("lora", False), ("ia3", False), ("prompt_tuning", False)])
+def test_mu_zero_beams_are_generate_beams(model_dir, tokenizer, prompts, monkeypatch, adapter, one_pass):
+    """Whole sequences (prompt, beams' tokens, padding after EOS) equal, both caches reordered."""
+    two_pass_only(monkeypatch, one_pass)
+    model = peft_model(model_dir, adapter)
+    plain = generate_sequences(model, tokenizer, prompts, BEAMS)
+    ours = generate_sequences(model, tokenizer, prompts, BEAMS, SteeringVector(None, 0.0, mode="dynamic"))
+    assert torch.equal(ours, plain)
+    greedy = generate_sequences(model, tokenizer, prompts, GenerationSettings(max_new_tokens=8, stop=[]))
+    assert not torch.equal(plain, greedy)  # the beams chose something greedy decoding did not
+
+
+
+def test_mu_zero_beam_sampling_is_generate_beam_sampling(model_dir, tokenizer, prompts):
+    """Seeded beam sampling draws the same candidates (warpers keeping #EOS + 1 tokens, as generate's)."""
+    model = peft_model(model_dir)
+    settings = GenerationSettings(max_new_tokens=8, stop=[], num_beams=3, do_sample=True, temperature=0.8, top_k=40,
+                                  seed=3)
+    plain = generate_sequences(model, tokenizer, prompts, settings)
+    assert torch.equal(generate_sequences(model, tokenizer, prompts, settings, SteeringVector(None, 0.0, "dynamic")),
+                       plain)
+    assert not torch.equal(plain, generate_sequences(model, tokenizer, prompts, BEAMS))
+
+
+class _SteeredLogProbs:
+    """Hands transformers' beam search log_softmax(z_phi + mu*delta_z) instead of log_softmax(z_phi),
+    both logits recomputed from the running beams without a cache (``naive``: log_softmax(z_phi) + mu*delta_z)."""
+
+    def __init__(self, model, vector: SteeringVector, mask: torch.Tensor, naive: bool = False) -> None:
+        self.model, self.vector, self.mask, self.naive = model, vector, mask, naive
+
+    def __call__(self, input_ids, scores):
+        new = input_ids.shape[1] - self.mask.shape[1]
+        mask = torch.cat([self.mask, self.mask.new_ones(input_ids.shape[0], new)], 1)
+        inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions_of(mask), use_cache=False)
+        adapted = self.model(**inputs).logits[:, -1].float()
+        with self.model.disable_adapter():
+            base = hf_model(self.model)(**inputs).logits[:, -1].float()
+        if self.naive:
+            return torch.log_softmax(adapted, -1) + self.vector.shift(adapted, base)
+        return torch.log_softmax(self.vector.steer(adapted, base), -1)
+
+
+def _reference_beams(model, tokenizer, prompts, vector, naive: bool = False) -> torch.Tensor:
+    input_ids, mask = left_padded(prompts, tokenizer.pad_token_id, torch.device("cpu"))
+    config = generation_config(BEAMS, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+    processor = _SteeredLogProbs(model, vector, mask.repeat_interleave(BEAMS.num_beams, 0), naive)
+    with checkpoint_defaults_ignored(model), torch.no_grad():
+        return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                              logits_processor=LogitsProcessorList([processor]))
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_steered_beams_rank_by_steered_log_probabilities(model_dir, tokenizer, prompts, monkeypatch, one_pass):
+    two_pass_only(monkeypatch, one_pass)
+    model = peft_model(model_dir)
+    vector = SteeringVector(None, 300.0, mode="dynamic")  # flat model: small directions
+    ours = generate_sequences(model, tokenizer, prompts, BEAMS, vector)
+    assert torch.equal(ours, _reference_beams(model, tokenizer, prompts, vector))
+    assert not torch.equal(ours, generate_sequences(model, tokenizer, prompts, BEAMS))  # steering changed beams
+    assert not torch.equal(ours, _reference_beams(model, tokenizer, prompts, vector, naive=True))
+
+
+def test_prefix_tuning_beams_equal_an_uncached_beam_search(model_dir, tokenizer, prompts):
+    """PEFT's own ``generate`` gives prefix tuning different beams alone and in a batch (its prefix
+    cache under beam search), so the reference here is the same scoring over logits recomputed
+    without a cache: the prefix cache, reordered with the beams, changes nothing."""
+    model = peft_model(model_dir, "prefix_tuning")
+    vector = SteeringVector(None, 300.0, mode="dynamic")
+    for prompt in prompts:
+        seqs = {"ids": torch.tensor([prompt]).repeat_interleave(BEAMS.num_beams, 0)}
+
+        def advance(tokens, beam_idx, seqs=seqs):
+            if tokens is not None:
+                seqs["ids"] = torch.cat([seqs["ids"][beam_idx], tokens[:, None]], 1)
+            adapted = model(input_ids=seqs["ids"], use_cache=False).logits[:, -1].float()
+            with model.disable_adapter():
+                base = hf_model(model)(input_ids=seqs["ids"], use_cache=False).logits[:, -1].float()
+            return adapted, base
+
+        criteria = stopping_criteria(tokenizer, BEAMS, len(prompt), stop_token_ids(model, tokenizer))
+        with torch.no_grad():
+            expected = beam_search(advance, seqs["ids"], BEAMS, vector, criteria, tokenizer.pad_token_id)
+        assert torch.equal(generate_sequences(model, tokenizer, [prompt], BEAMS, vector), expected)
+
+
+def _streams_after(model, mask, one_pass, prompt_ids, steps, reorder=None):
+    """(adapted, base) hidden states after feeding ``steps`` (one (rows,) tensor each), reordering
+    the beams by ``reorder`` before the last step."""
+    from contextlib import nullcontext
+
+    from svdecode_pl.evaluation.dynamic import TwoStreams
+
+    with mixed_dynamic.mixed_streams(model, mask) if one_pass else nullcontext() as mixed, torch.no_grad():
+        streams = mixed or TwoStreams(model, mask)
+        streams.prefill(prompt_ids)
+        for number, tokens in enumerate(steps):
+            if reorder is not None and number == len(steps) - 1:
+                streams.reorder(reorder)
+            hidden = streams.step(tokens)
+    return hidden
+
+
+@pytest.mark.parametrize(("adapter", "one_pass"), [("lora", True), ("lora", False), ("prefix_tuning", False)])
+def test_reorder_moves_both_caches_with_the_beams(model_dir, tokenizer, adapter, one_pass):
+    """After a reorder, each row continues the history of the beam it took: adapted and base
+    states as fresh streams fed the reordered histories."""
+    model = peft_model(model_dir, adapter)
+    assert not one_pass or mixed_dynamic.mixed_batch_support(model)[0]  # the one-pass streams run
+    prompt_ids = torch.tensor([tokenizer(TEXTS[0])["input_ids"]]).repeat(4, 1)
+    mask = torch.ones_like(prompt_ids)
+    first, second = torch.tensor([11, 22, 33, 44]), torch.tensor([5, 6, 7, 8])
+    order = torch.tensor([2, 0, 0, 3])
+    reordered = _streams_after(model, mask, one_pass, prompt_ids, [first, second], reorder=order)
+    fresh = _streams_after(model, mask, one_pass, prompt_ids, [first[order], second])
+    for got, expected in zip(reordered, fresh):
+        torch.testing.assert_close(got, expected)
+    unordered = _streams_after(model, mask, one_pass, prompt_ids, [first, second])
+    assert not torch.allclose(reordered[1], unordered[1])  # the base state's history matters
