@@ -63,3 +63,25 @@ def test_without_a_validation_split_the_held_out_estimates_are_null(tmp_path):
     assert estimates["validation_best"] == {"mu": None, "metrics": None}
     assert results["steering"]["strength"] == "mu_star"
     assert results["steering"]["mu"] == pytest.approx(results["steering"]["mu_star"])
+
+
+def test_report_curve_is_symlog_and_marks_every_estimate(tmp_path, monkeypatch):
+    from svdecode_pl.results import report
+
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda plt, fig, path: figures.append(fig) or path)
+    grid = [-100.0, -1.0, -0.1, 0.0, 0.1, 1.0, 100.0]
+    curve = {"mu": grid, "mu_star": -0.18, "metrics": {"mc1": [0.8, 0.75, 0.73, 0.73, 0.73, 0.72, 0.5]},
+             "best": {"mc1": {"mu": -100.0, "value": 0.8}}}
+    estimates = {"mu_star": {"mu": -0.18}, "mu_star_heldout": {"mu": -0.4}, "mu_star_filtered": {"mu": None},
+                 "validation_best": {"mu": -100.0}}
+    results = {"task": "truthfulqa_mc", "mu_curve": curve, "steering": {"estimates": estimates}}
+    run = report.Run(tmp_path, "mini", results)
+    report.mu_curve_figure(run, tmp_path)
+    ax = figures[0].axes[0]
+    assert ax.get_xscale() == "symlog"
+    vertical = [line.get_xdata() for line in ax.lines if len(line.get_xdata()) == 2]
+    marked = sorted(float(x[0]) for x in vertical if x[0] == x[1])
+    assert marked == sorted([-0.18, -0.4, -100.0])  # every estimate that has a value, the paper's included
+    stars = [line for line in ax.lines if line.get_marker() == "*"]
+    assert [(s.get_xdata()[0], s.get_ydata()[0]) for s in stars] == [(-100.0, 80.0)]
