@@ -35,11 +35,20 @@ class SteeringSettings:
     vector: SteeringVector | None = None
     mu_grid: list[float] | None = None
     """Absolute strengths at which every item is also evaluated steered (the strength curve)."""
+    estimates: dict[str, float] = field(default_factory=dict)
+    """Named strengths (see :mod:`svdecode_pl.steering.estimates`) scored in the same pass, after the grid."""
 
     @property
     def grid(self) -> list[float] | None:
-        """The mu grid, when there is a vector to scale."""
-        return self.mu_grid if self.vector is not None and self.mu_grid else None
+        """Every strength scored besides plain and steered: the mu grid, then the estimates (when
+        there is a vector to scale)."""
+        strengths = list(self.mu_grid or []) + list(self.estimates.values())
+        return strengths if self.vector is not None and strengths else None
+
+    @property
+    def curve_size(self) -> int:
+        """How many of :attr:`grid`'s strengths are the curve (the rest are the estimates)."""
+        return len(self.mu_grid or [])
 
 
 @dataclass
@@ -53,6 +62,10 @@ class EvaluationSettings:
     """Judges that score generated answers (None: none)."""
     steering: SteeringSettings = field(default_factory=SteeringSettings)
 
-    def use_steering(self, vector: SteeringVector | None, mu_grid: list[float] | None = None) -> None:
-        """Attach (or, with None, remove) the steering vector and its strength curve."""
-        self.steering = SteeringSettings(vector, mu_grid)
+    def use_steering(
+        self, vector: SteeringVector | None, mu_grid: list[float] | None = None,
+        estimates: dict[str, float] | None = None,
+    ) -> None:
+        """Attach (or, with None, remove) the steering vector, its strength curve and the named
+        strengths to score beside it."""
+        self.steering = SteeringSettings(vector, mu_grid, dict(estimates or {}))

@@ -24,7 +24,14 @@ from svdecode_pl.models.heads import hf_model, output_vocab_size, target_hidden_
 from svdecode_pl.models.loading import DType, load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from svdecode_pl.models.zero import hf_zero3_loading
 from svdecode_pl.recipes.optimizer import OptimizerName, build_optimizer
-from svdecode_pl.results.payload import format_table, mu_curve, results_payload, table_metrics, write_results
+from svdecode_pl.results.payload import (
+    estimate_metrics,
+    format_table,
+    mu_curve,
+    results_payload,
+    table_metrics,
+    write_results,
+)
 from svdecode_pl.steering.artifact import save_artifact
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.errors import OptionError
@@ -262,12 +269,16 @@ class SVDecodeModule(LightningModule):
             for variant, value in by_variant.items():
                 if value is not None:
                     self.log(f"test/{name}_{variant}", value, rank_zero_only=True)
-        curve = None
-        grid = self.evaluation.steering.grid
-        if grid:
-            curve = mu_curve(datamodule.metric_names, table.columns, values, grid, self.steering_vector)
+        curve, estimates = None, None
+        steering = self.evaluation.steering
+        if steering.grid:
+            names, columns = datamodule.metric_names, table.columns
+            if steering.curve_size:
+                curve = mu_curve(names, columns, values, steering.grid[: steering.curve_size], self.steering_vector)
+            estimates = estimate_metrics(names, columns, values, steering.grid, steering.curve_size, steering.estimates)
         payload = results_payload(datamodule.task_name, int(ids.numel()), self.steering_vector, metrics, self.trainer,
-                                  per_group=per_group, model=self.model_summary(), mu_curve=curve)
+                                  per_group=per_group, model=self.model_summary(), mu_curve=curve,
+                                  estimates=estimates)
         if self.evaluation_defaults is not None:
             payload["evaluation_defaults"] = self.evaluation_defaults.as_dict()
         self._write_results(payload)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from svdecode_pl.evaluation.items import VARIANTS
+from svdecode_pl.steering.estimates import ESTIMATES
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.files import atomic_write_text
 
@@ -55,12 +56,24 @@ def mu_curve(
             "metrics": curves, "best": best}
 
 
+def estimate_metrics(
+    names: list[str], columns: list[str], values: torch.Tensor, grid: list[float], offset: int,
+    estimates: dict[str, float],
+) -> dict[str, dict[str, Any]]:
+    """The test metrics at each named strength, scored after the curve's ``offset`` grid columns."""
+    means = _column_means(columns, values)
+    return {name: {"mu": mu, "metrics": {m: means.get(f"{m}/mu{offset + i}") for m in names}}
+            for i, (name, mu) in enumerate(estimates.items())}
+
+
 def results_payload(
     task: str, n_examples: int, steering: SteeringVector | None, metrics: dict[str, dict[str, float | None]],
     trainer: Any = None, per_group: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
-    mu_curve: dict[str, Any] | None = None,
+    mu_curve: dict[str, Any] | None = None, estimates: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The results.json document: task, size, the steering used (or null) and the metrics."""
+    """The results.json document: task, size, the steering used (or null) and the metrics;
+    ``steering.estimates``: every strength estimate, with the test metrics at it (null: not
+    computed, e.g. no validation split)."""
     payload: dict[str, Any] = {"task": task, "n_examples": n_examples}
     if model is not None:
         payload["model"] = model
@@ -75,6 +88,9 @@ def results_payload(
             "token_count": steering.metadata.get("token_count"),
             "warm_start_steps": steering.metadata.get("warm_start_steps"),
             "filtered_share": steering.metadata.get("filtered_share"),
+            "strength": steering.metadata.get("strength", "mu_star"),
+            "estimates": _estimates(steering, estimates or {}),
+            "validation_curve": steering.metadata.get("validation_curve"),
         }
     payload["metrics"] = metrics
     if per_group:
@@ -86,6 +102,13 @@ def results_payload(
         payload["data"] = getattr(datamodule, "source", None)
         payload["world_size"] = trainer.world_size
     return payload
+
+
+def _estimates(steering: SteeringVector, scored: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every estimate the vector records, with its test metrics where they were scored."""
+    recorded = steering.metadata.get("estimates") or {"mu_star": steering.metadata.get("mu_star")}
+    return {name: {"mu": recorded[name], "metrics": scored.get(name, {}).get("metrics")}
+            for name in ESTIMATES if name in recorded}
 
 
 def write_results(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -101,6 +124,24 @@ def is_fraction(metric: str) -> bool:
 
 def _fmt(value: float | None, scale: float = 100.0) -> str:
     return "-" if value is None else f"{scale * value:6.2f}"
+
+
+def _estimate_lines(payload: dict[str, Any]) -> list[str]:
+    """One line per strength estimate: its value and the test metrics at it (* = the one steered at)."""
+    steering = payload.get("steering") or {}
+    estimates = steering.get("estimates") or {}
+    if not estimates:
+        return []
+    names = [n for n in payload["metrics"] if "/" not in n]
+    lines = ["strength estimates (test metrics at each; * = steered):",
+             f"  {'estimate':<18}{'mu':>10}" + "".join(f"{n:>9}" for n in names)]
+    for name, entry in estimates.items():
+        mark = "*" if name == steering.get("strength") else " "
+        mu = "-" if entry["mu"] is None else f"{entry['mu']:.4g}"
+        metrics = entry.get("metrics") or {}
+        cells = "".join(f"{_fmt(metrics.get(n), 100.0 if is_fraction(n) else 1.0):>9}" for n in names)
+        lines.append(f"{mark} {name:<18}{mu:>10}{cells}")
+    return lines
 
 
 def format_table(payload: dict[str, Any]) -> str:
@@ -127,6 +168,7 @@ def format_table(payload: dict[str, Any]) -> str:
             points = " ".join(_fmt(v, scale).strip() for v in values)
             best = curve["best"][name]
             lines.append(f"  {name:<10} {points}   best mu {best['mu']:.3g}")
+    lines += _estimate_lines(payload)
     if payload.get("model", {}).get("name_or_path", "").startswith("svdecode-tiny"):
         lines.append("(a tiny model built in code: the effect of steering is near zero here; see README)")
     return "\n".join(lines)

@@ -211,22 +211,44 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in text)
 
 
+#: how each strength estimate is drawn on the strength curve (the paper's mu* dashed black)
+ESTIMATE_STYLES = {"mu_star": ("black", "--"), "mu_star_heldout": ("tab:purple", ":"),
+                   "mu_star_filtered": ("tab:brown", "-."), "validation_best": ("tab:green", "-")}
+
+
+def symlog_threshold(strengths: list[float]) -> float:
+    """The symlog axis' linear range: the smallest non-zero |mu| shown, so 0.1 and 100 both get room."""
+    nonzero = [abs(m) for m in strengths if m]
+    return min(nonzero) if nonzero else 1.0
+
+
 def mu_curve_figure(run: Run, out: Path) -> Path:
+    """The metrics against mu on a symlog axis (both signs, small and large strengths alike), with
+    the paper's mu*, every other estimate and the best grid point (a star) marked."""
     curve = run.results["mu_curve"]
+    estimates = (run.results.get("steering") or {}).get("estimates") or {"mu_star": {"mu": curve.get("mu_star")}}
     plt, fig, ax = _figure()
+    order = sorted(range(len(curve["mu"])), key=lambda i: curve["mu"][i])
+    mus = [curve["mu"][i] for i in order]
     for name, values in curve["metrics"].items():
         if "/" in name or all(v is None for v in values):
             continue
-        line = ax.plot(curve["mu"], [None if v is None else 100 * v for v in values], marker="o", label=name)[0]
+        points = [None if values[i] is None else 100 * values[i] for i in order]
+        line = ax.plot(mus, points, marker="o", markersize=3, label=name)[0]
         best = curve["best"].get(name)
         if best is not None:
             ax.plot([best["mu"]], [100 * best["value"]], marker="*", markersize=14, color=line.get_color())
-    if curve.get("mu_star") is not None:
-        ax.axvline(curve["mu_star"], color="gray", linestyle="--", label=f"mu* = {curve['mu_star']:.3g}")
-    ax.set_xlabel("steering strength mu")
+    for name, entry in estimates.items():
+        if entry.get("mu") is None:
+            continue
+        color, style = ESTIMATE_STYLES.get(name, ("gray", "--"))
+        label = f"{name} = {entry['mu']:.3g}" + (" (paper)" if name == "mu_star" else "")
+        ax.axvline(entry["mu"], color=color, linestyle=style, linewidth=1.2, label=label)
+    ax.set_xscale("symlog", linthresh=symlog_threshold(mus + [e["mu"] for e in estimates.values() if e.get("mu")]))
+    ax.set_xlabel("steering strength mu (symlog; < 0: away from the pre-trained model)")
     ax.set_ylabel("metric (%)")
-    ax.set_title(f"{run.name}: metric against mu (star: best mu on the grid)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title(f"{run.name}: metric against mu (star: best mu on the test grid)", fontsize=9)
+    ax.legend(fontsize=7)
     return _save(plt, fig, out / f"mu_curve_{_slug(run.name)}.png")
 
 

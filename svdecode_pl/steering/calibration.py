@@ -6,7 +6,7 @@ across processes by addition and the result is the same on 1 and on N processes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -83,7 +83,7 @@ class SteeringStatistics(Metric):
 
 @torch.no_grad()
 def accumulate_calibration(
-    stats: SteeringStatistics,
+    stats: SteeringStatistics | Sequence[SteeringStatistics],
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     head: nn.Module | None = None,
@@ -93,17 +93,19 @@ def accumulate_calibration(
     """One pass over calibration batches (``input_ids``, ``attention_mask``, ``target_mask``):
     the model runs with its adapter on and off, the output head is applied only to the
     positions that predict target tokens, ``chunk_tokens`` at a time, and the sums go into
-    ``stats``. Peak memory is a few (chunk_tokens, V) tensors, whatever the data size.
+    ``stats`` (several: each gets the same logits, e.g. a second confidence threshold). Peak
+    memory is a few (chunk_tokens, V) tensors, whatever the data size.
 
     ``head`` defaults to the model's output head (under ZeRO-3 pass a gathered copy).
     Raises ValueError naming the batch if the logits are not finite.
     """
+    every = [stats] if isinstance(stats, SteeringStatistics) else list(stats)
     head = head if head is not None else hf_model(model).get_output_embeddings()
     device = device if device is not None else next(model.parameters()).device
     # reused for every chunk: the adapted and base logits of a chunk, stacked, so one matrix
     # product computes both (twice the rows runs faster); then the exponentials
-    logits = torch.empty(2 * chunk_tokens, stats.vocab_size, dtype=torch.float32, device=device)
-    workspace = torch.empty(chunk_tokens, stats.vocab_size, dtype=torch.float32, device=device)
+    logits = torch.empty(2 * chunk_tokens, every[0].vocab_size, dtype=torch.float32, device=device)
+    workspace = torch.empty(chunk_tokens, every[0].vocab_size, dtype=torch.float32, device=device)
     for index, batch in enumerate(batches):
         inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "target_mask")]
         adapted, targets, _ = target_hidden_states(model, *inputs)
@@ -114,7 +116,9 @@ def accumulate_calibration(
                 rows = slice(start, min(start + chunk_tokens, targets.shape[0]))
                 n = rows.stop - rows.start
                 both = logits_into(head, torch.cat([adapted[rows], base[rows]]), logits[: 2 * n])
-                stats.update(both[:n], both[n:], targets[rows], workspace=workspace[:n])
+                for extra in every[1:]:  # the last one may overwrite the base logits in place
+                    extra.update(both[:n], both[n:].clone(), targets[rows], workspace=workspace[:n])
+                every[0].update(both[:n], both[n:], targets[rows], workspace=workspace[:n])
         except ValueError as err:
             raise ValueError(f"calibration batch {index}: {err}") from None
-    return stats
+    return every[0]

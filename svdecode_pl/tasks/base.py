@@ -143,6 +143,11 @@ class TaskDataModule(LightningDataModule):
         return list(self.task_metrics)
 
     @property
+    def selection_metric(self) -> str:
+        """The metric that chooses a strength on the validation split (``validation_best``)."""
+        return self.metric_names[0]
+
+    @property
     def source(self) -> str:
         """Where the data came from (a path, a hub id, a generated task), for results.json."""
         raise NotImplementedError

@@ -60,6 +60,9 @@ class TruthfulQADataModule(TaskDataModule):
 
     task_name = "truthfulqa_mc"
     task_metrics = ("mc1", "mc2", "mc3")
+    #: MC2 (the probability mass on the true answers) rather than MC1: continuous, so a small
+    #: validation split still ranks neighbouring strengths instead of tying them
+    selection_metric = "mc2"
 
     def __init__(
         self,

@@ -10,8 +10,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
-from svdecode_pl.models.zero import full_output_head
-from svdecode_pl.steering.calibration import SteeringStatistics, accumulate_calibration
+from svdecode_pl.recipes.callbacks.estimates import calibrate, heldout_mu_star, validation_best
+from svdecode_pl.steering.calibration import SteeringStatistics
+from svdecode_pl.steering.estimates import DEFAULT_ESTIMATE, FILTER_THRESHOLD, EstimateName, chosen_strength
 from svdecode_pl.steering.vector import SteeringMode, SteeringVector
 
 
@@ -34,6 +35,8 @@ class SteeringVectorCallback(Callback):
         dirpath: str | None = None,
         mu_grid: list[float] | None = None,
         mu_grid_relative: bool = True,
+        strength: EstimateName = DEFAULT_ESTIMATE,
+        filter_threshold: float = FILTER_THRESHOLD,
     ) -> None:
         """
         Args:
@@ -50,6 +53,11 @@ class SteeringVectorCallback(Callback):
             mu_grid: Strengths at which ``test`` also scores every question, from the same forward
                 pass: the metric as a function of mu, in results.json ``mu_curve`` (null: none).
             mu_grid_relative: ``mu_grid`` values are multiples of mu* (false: absolute strengths).
+            strength: The estimate a run steers at (``mu`` overrides it): ``mu_star`` (the paper's),
+                ``mu_star_heldout``, ``mu_star_filtered`` or ``validation_best`` (see
+                :mod:`svdecode_pl.steering.estimates`; all four are recorded on every run). One that
+                cannot be computed (no validation split, no grid) falls back to ``mu_star``.
+            filter_threshold: The confidence threshold of ``mu_star_filtered``.
         """
         super().__init__()
         if mode not in ("static", "dynamic"):
@@ -64,6 +72,9 @@ class SteeringVectorCallback(Callback):
         self.enabled = enabled
         self.mu_grid = None if mu_grid is None else [float(m) for m in mu_grid]
         self.mu_grid_relative = mu_grid_relative
+        chosen_strength({"mu_star": 0.0}, strength)  # refuses an unknown name at construction
+        self.strength = strength
+        self.filter_threshold = filter_threshold
 
     def grid_strengths(self, vector: SteeringVector) -> list[float] | None:
         """The absolute strengths of ``mu_grid`` for this vector (multiples of its mu*)."""
@@ -77,26 +88,43 @@ class SteeringVectorCallback(Callback):
 
     @torch.no_grad()
     def extract(self, trainer: Trainer, pl_module: LightningModule) -> SteeringVector:
-        """Stream the calibration split once (sharded over processes) and fit the vector."""
+        """Stream the calibration split once (sharded over processes) and fit the vector; then the
+        strength estimates (see :meth:`estimate`) and the strength chosen among them."""
         model = pl_module.model
         was_training = model.training
         model.eval()
-        loader = trainer.datamodule.lm_dataloader(
-            self.calibration, rank=trainer.global_rank, world_size=trainer.world_size
-        )
         stats = SteeringStatistics(self.mode, pl_module.vocab_size, self.confidence_threshold).to(pl_module.device)
-        with full_output_head(model, trainer) as head:
-            try:
-                batches = tqdm(loader, desc="Steering vector", unit="batch", leave=False,
-                               disable=not (trainer.is_global_zero and plain_progress_bar(trainer)))
-                chunk_tokens = pl_module.evaluation.scoring.chunk_tokens
-                accumulate_calibration(stats, model, batches, head, chunk_tokens, pl_module.device)
-            except ValueError as err:
-                raise ValueError(f"{err} (split {self.calibration!r})") from None
-        model.train(was_training)
+        filtered = SteeringStatistics(self.mode, pl_module.vocab_size, self.filter_threshold).to(pl_module.device)
+        loader = trainer.datamodule.lm_dataloader(self.calibration, rank=trainer.global_rank,
+                                                  world_size=trainer.world_size)
+        batches = tqdm(loader, desc="Steering vector", unit="batch", leave=False,
+                       disable=not (trainer.is_global_zero and plain_progress_bar(trainer)))
+        calibrate(trainer, pl_module, self.calibration, [stats, filtered], batches)
         metadata = pl_module.steering_metadata()
         metadata["calibration"] = self.calibration
-        return stats.steering_vector(eps=self.eps, mu=self.mu, mu_scale=self.mu_scale, metadata=metadata)
+        vector = stats.steering_vector(eps=self.eps, mu=self.mu, mu_scale=self.mu_scale, metadata=metadata)
+        self.estimate(trainer, pl_module, vector, filtered.steering_vector(eps=self.eps).metadata["mu_star"])
+        model.train(was_training)
+        return vector
+
+    def estimate(self, trainer: Trainer, pl_module: LightningModule, vector: SteeringVector, filtered: float) -> None:
+        """Record every strength estimate in the vector's metadata and steer at the chosen one."""
+        mu_star = vector.metadata["mu_star"]
+        heldout = mu_star if self.calibration == "validation" else heldout_mu_star(
+            trainer, pl_module, self.mode, self.confidence_threshold, self.eps)
+        best, curve = validation_best(trainer, pl_module, vector, self.grid_strengths(vector))
+        estimates = {"mu_star": mu_star, "mu_star_heldout": heldout, "mu_star_filtered": filtered,
+                     "validation_best": best}
+        vector.metadata.update(estimates=estimates, validation_curve=curve,
+                               filter_threshold=self.filter_threshold)
+        self.steer_at(vector)
+
+    def steer_at(self, vector: SteeringVector) -> None:
+        """Set the vector's strength: ``mu`` when given, else the ``strength`` estimate (x ``mu_scale``)."""
+        estimates = vector.metadata.get("estimates") or {"mu_star": vector.metadata.get("mu_star", vector.mu)}
+        name, value = ("mu", self.mu) if self.mu is not None else chosen_strength(estimates, self.strength)
+        vector.mu = value * self.mu_scale
+        vector.metadata["strength"] = name
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled:
@@ -122,7 +150,7 @@ class SteeringVectorCallback(Callback):
             return
         attached = pl_module.evaluation.steering.vector
         if attached is not None:
-            pl_module.evaluation.use_steering(attached, self.grid_strengths(attached))
+            pl_module.evaluation.use_steering(attached, self.grid_strengths(attached), scored_estimates(attached))
             return
         path = self.artifact_dir(trainer)
         if not path.exists():
@@ -131,10 +159,8 @@ class SteeringVectorCallback(Callback):
         vector = SteeringVector.load(path)
         fingerprint = pl_module.steering_metadata()["tokenizer_fingerprint"]
         vector.check_compatible(pl_module.vocab_size, fingerprint, source=str(path / "steering_vector.json"))
-        if self.mu is not None or self.mu_scale != 1.0:
-            base = self.mu if self.mu is not None else vector.metadata.get("mu_star", vector.mu)
-            vector.mu = base * self.mu_scale
-        pl_module.evaluation.use_steering(vector, self.grid_strengths(vector))
+        self.steer_at(vector)
+        pl_module.evaluation.use_steering(vector, self.grid_strengths(vector), scored_estimates(vector))
         rank_zero_info(f"loaded {vector} from {path}")
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -142,6 +168,11 @@ class SteeringVectorCallback(Callback):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._attach(trainer, pl_module)
+
+
+def scored_estimates(vector: SteeringVector) -> dict[str, float]:
+    """The estimates of a vector that have a value (scored at test beside the curve)."""
+    return {k: float(v) for k, v in (vector.metadata.get("estimates") or {}).items() if v is not None}
 
 
 def plain_progress_bar(trainer: Trainer) -> bool:
