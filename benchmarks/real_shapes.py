@@ -5,7 +5,7 @@ memory grows with the number of questions beyond the batch.
     python benchmarks/real_shapes.py [--shapes qwen2.5-0.5b llama-3.2-1b-untied] [--questions 8 32]
 
 Each phase is one ``svdecode`` command in a fresh process (the library's CLI, as a user runs it);
-its peak memory is that process's RSS high-water mark (``os.wait4``'s ``ru_maxrss``), its time the
+its peak memory is that process's own RSS high-water mark (VmHWM), its time the
 command's wall time, start-up and model loading included (the ``load`` phase gives that floor).
 Phases: ``fit`` (a few warm-start steps + static extraction), ``extract`` (dynamic extraction only,
 ``max_steps 0``), then at each question count: ``test_mc`` (TruthfulQA MC, static),
@@ -41,22 +41,42 @@ SHAPES = {
 GROWING_PHASES = ("test_mc", "gen_static", "gen_dynamic", "predict")
 
 
+#: Runs ``-m MODULE ARGS`` or ``-c CODE`` and writes its own RSS high-water mark (VmHWM, KiB) to
+#: argv[1] at exit. Read in the child because ``ru_maxrss`` of a vfork-spawned child starts at the
+#: parent's peak (exec records the shared address space's high-water mark).
+PEAK_WRAPPER = """
+import atexit, runpy, sys
+out, args = sys.argv[1], sys.argv[2:]
+def report():
+    status = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]
+    open(out, 'w').write(status)
+atexit.register(report)
+if args[0] == '-m':
+    sys.argv = [args[1], *args[2:]]
+    runpy.run_module(args[1], run_name='__main__', alter_sys=True)
+else:
+    sys.argv = ['-c', *args[2:]]
+    exec(compile(args[1], '<string>', 'exec'), {'__name__': '__main__'})
+"""
+
+
 def run_measured(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> dict:
-    """Run ``args`` in a child process: wall seconds and its own peak RSS in MB (``ru_maxrss``
-    from ``os.wait4``, which reports that child alone, in KiB on Linux)."""
+    """Run ``python ARGS`` (``args[0]`` the interpreter) in a child process: wall seconds and the
+    child's own peak RSS in MB (its VmHWM, see :data:`PEAK_WRAPPER`)."""
+    peak_file = Path(log or "run").with_suffix(".peak")
     start = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
     try:
-        child = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        child = subprocess.run([args[0], "-c", PEAK_WRAPPER, str(peak_file), *args[1:]], env=env, stdout=out,
+                               stderr=subprocess.STDOUT, cwd=ROOT)
     finally:
         if log:
             out.close()
     if child.returncode != 0:
         tail = log.read_text()[-3000:] if log else ""
         raise RuntimeError(f"{' '.join(args[:4])}... failed ({child.returncode}):\n{tail}")
-    return {"seconds": round(time.perf_counter() - start, 2), "peak_mb": round(usage.ru_maxrss / 1024, 1)}
+    peak_kib = int(peak_file.read_text())
+    return {"seconds": round(time.perf_counter() - start, 2), "peak_mb": round(peak_kib / 1024, 1)}
 
 
 def cli(*args: str) -> list[str]:
