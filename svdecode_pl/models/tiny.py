@@ -46,10 +46,10 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 2048):
-    """A byte-level BPE tokenizer (any text encodes; frequent words get their own token)."""
+def train_bpe(vocab_size: int = 2048, special_tokens: tuple[str, ...] = (_EOS,)):
+    """A byte-level BPE (a ``tokenizers.Tokenizer``) trained on the built-in corpus with Qwen2's
+    pre-tokenizer: any text encodes; frequent words get their own token."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -61,12 +61,19 @@ def build_tokenizer(vocab_size: int = 2048):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[_EOS],
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=_EOS, pad_token=_EOS)
+    return tok
+
+
+def build_tokenizer(vocab_size: int = 2048):
+    """The tiny models' tokenizer: :func:`train_bpe` with ``<|endoftext|>`` as EOS and pad."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=train_bpe(vocab_size), eos_token=_EOS, pad_token=_EOS)
 
 
 def build_tiny_model(
