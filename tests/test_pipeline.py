@@ -118,7 +118,8 @@ def test_mu_curve_point_at_mu_star_equals_a_fixed_mu_run(tmp_path, mode):
     mu* equals the steered metrics of a run with mu fixed to mu*, its point at 0 the plain ones."""
     run(*["fit", *small(tmp_path, "--trainer.max_steps", "3", "--steering.mode", mode)])
     adapter = ["--model.adapter_path", str(tmp_path / "adapter")]
-    run(*["test", *small(tmp_path, "--steering.mu_grid", "[0.0, 1.0, 5.0]", "--steering.mu_grid_relative", "true", *adapter)])
+    grid = ["--steering.mu_grid", "[0.0, 1.0, 5.0]", "--steering.mu_grid_relative", "true"]
+    run(*["test", *small(tmp_path, *grid, *adapter)])
     curve_run = json.loads((tmp_path / "results.json").read_text())
     curve = curve_run["mu_curve"]
     mu_star = curve["mu_star"]

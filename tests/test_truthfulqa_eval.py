@@ -72,7 +72,8 @@ def reference_metrics(model, tokenizer, rows: list[dict], shift: torch.Tensor | 
 def run_test(tmp_path: Path, data: Path, *extra: str) -> dict:
     run_cli([
         "test", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config",
-        str(ROOT / "configs" / "peft" / "none.yaml"), "--data.path", str(data), "--data.train_fraction", "0", "--data.val_fraction", "0",
+        str(ROOT / "configs" / "peft" / "none.yaml"), "--data.path", str(data),
+        "--data.train_fraction", "0", "--data.val_fraction", "0",
         "--data.eval_batch_size", "3", "--trainer.default_root_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false", *extra,
     ])
