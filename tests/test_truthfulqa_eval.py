@@ -102,7 +102,7 @@ def test_mc_metrics_on_real_truthfulqa_questions(tmp_path):
     rows = json.loads(real_data("truthfulqa", "mc_task.json").read_text())[:12]
     data = tmp_path / "mc_task.json"
     data.write_text(json.dumps(rows))
-    results = run_test(tmp_path, data)
+    results = run_test(tmp_path, data, "--model.name_or_path", "svdecode-tiny")
     reference = reference_metrics(load_causal_lm("svdecode-tiny").eval(), load_tokenizer("svdecode-tiny"), rows, None)
     assert results["n_examples"] == 12 and results["steering"] is None
     for name in ("mc1", "mc2", "mc3"):
