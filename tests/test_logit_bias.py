@@ -108,6 +108,8 @@ def test_command(tiny, tmp_path, capsys):
     path = concentrated_vector(model.config.vocab_size).save(tmp_path / "v")
     code, out, err = run(["logit-bias", str(path), "--max-entries", "32", "--model", "svdecode-tiny"], capsys)
     assert code == 0 and len(json.loads(out)["logit_bias"]) == 32 and "largest logit change dropped" in err
+    code, out, _ = run(["logit-bias", str(path)], capsys)  # the default, 1024, is capped at a smaller vocabulary
+    assert code == 0 and len(json.loads(out)["logit_bias"]) == model.config.vocab_size < 1024
     code, _, err = run(["logit-bias", str(path), "--max-entries", "5000"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--max-entries: 5000" in err
     other = SteeringVector(torch.zeros(100), mu=1.0).save(tmp_path / "other")

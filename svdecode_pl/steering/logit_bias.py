@@ -44,13 +44,16 @@ class LogitBias:
                 f"mu*d - c (c = {self.offset:.4g}); largest logit change dropped: {self.max_dropped:.4g}")
 
 
-def export_logit_bias(vector: SteeringVector, max_entries: int = MAX_ENTRIES, clamp: float = CLAMP) -> LogitBias:
-    """The sparse bias of at most ``max_entries`` entries, each within ``[-clamp, clamp]``."""
+def export_logit_bias(vector: SteeringVector, max_entries: int | None = None, clamp: float = CLAMP) -> LogitBias:
+    """The sparse bias of at most ``max_entries`` entries (default: :data:`MAX_ENTRIES`, or the whole
+    vocabulary when it is smaller), each within ``[-clamp, clamp]``."""
     if vector.mode != "static" or vector.direction is None:
         raise OptionError("logit-bias: a dynamic steering vector cannot be exported (its shift depends on each "
                           "step's base logits, which a server does not compute); use a static vector")
     shift = (vector.mu * vector.direction).double()
     vocab = shift.numel()
+    if max_entries is None:
+        max_entries = min(MAX_ENTRIES, vocab)
     if not 0 < max_entries <= vocab:
         raise OptionError(f"--max-entries: {max_entries} entries requested, but the vocabulary has {vocab} "
                           f"(expected 1..{vocab})")
@@ -111,7 +114,8 @@ def main(args: list[str]) -> None:
     """``svdecode logit-bias STEERING_DIR``: the bias as JSON (``{"logit_bias": {"id": bias}}``)."""
     parser = argparse.ArgumentParser(prog="svdecode logit-bias", description=__doc__.split("\n")[0])
     parser.add_argument("steering", help="steering vector directory (or an artifact with steering/)")
-    parser.add_argument("--max-entries", type=int, default=MAX_ENTRIES, help="at most this many tokens (vLLM: 1024)")
+    parser.add_argument("--max-entries", type=int, default=None,
+                        help=f"at most this many tokens (default {MAX_ENTRIES}, vLLM's limit; at most the vocabulary)")
     parser.add_argument("--clamp", type=float, default=CLAMP, help="largest absolute bias a server accepts")
     parser.add_argument("--model", help="check the vector's vocabulary against this model (hub id or path)")
     parser.add_argument("--mu", type=float, help="override the vector's strength")
