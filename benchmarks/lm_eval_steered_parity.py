@@ -7,7 +7,7 @@ plain, static and dynamic. MC1 must be identical, MC2 within 1e-6.
 Needs lm-eval in the project's environment (``pip install -e '.[lm-eval]'``):
 
     python benchmarks/lm_eval_steered_parity.py [--arch qwen2 llama | --model-dir DIR] [--limit N]
-        [--batch-size 16] [--device cpu]
+        [--hidden-size 256] [--layers 4] [--batch-size 16] [--device cpu]
 
 Without --model-dir it builds, per ``--arch``, the benchmarks' random-init tiny Qwen2 or Llama
 (256x4, embeddings std 0.06, seed 0; see README): a model nobody in the project trained. The
@@ -41,7 +41,8 @@ from svdecode_pl.steering.vector import SteeringVector  # noqa: E402
 SVDECODE = Path(os.environ.get("SVDECODE_BIN", Path(sys.executable).with_name("svdecode")))
 
 
-def build_inputs(work: Path, model_dir: str | None, arch: str = "qwen2") -> tuple[str, Path, dict[str, Path]]:
+def build_inputs(work: Path, model_dir: str | None, arch: str = "qwen2", hidden: int = 256,
+                 layers: int = 4) -> tuple[str, Path, dict[str, Path]]:
     """The model, a LoRA adapter with non-zero weights, a static and a dynamic vector."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -50,8 +51,8 @@ def build_inputs(work: Path, model_dir: str | None, arch: str = "qwen2") -> tupl
 
     if model_dir is None:
         model_dir = str(work / "model")
-        build_tiny_model(Path(model_dir), architecture=arch, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
-                         embedding_std=0.06)
+        build_tiny_model(Path(model_dir), architecture=arch, hidden_size=hidden, num_layers=layers, num_heads=4,
+                         num_kv_heads=2, embedding_std=0.06)
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -107,6 +108,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", nargs="+", default=["qwen2"], choices=["qwen2", "llama"])
     ap.add_argument("--model-dir", default=None, help="an existing model instead of --arch's tiny ones")
+    ap.add_argument("--hidden-size", type=int, default=256, help="of --arch's tiny model")
+    ap.add_argument("--layers", type=int, default=4, help="of --arch's tiny model")
     ap.add_argument("--batch-size", type=int, default=16, help="lm-eval's batch size")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "truthfulqa" / "mc_task.json")
     ap.add_argument("--limit", type=int, default=None)
@@ -117,7 +120,7 @@ def main() -> int:
     for arch in [None] if args.model_dir else args.arch:
         work = root / (arch or "model")
         work.mkdir()
-        model_dir, adapter, vectors = build_inputs(work, args.model_dir, arch or "qwen2")
+        model_dir, adapter, vectors = build_inputs(work, args.model_dir, arch or "qwen2", args.hidden_size, args.layers)
         jsonl = work / "truthfulqa_mc.jsonl"
         jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in load_records(str(args.data))))
         (work / "tasks").mkdir()
