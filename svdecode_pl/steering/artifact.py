@@ -137,7 +137,7 @@ def upload_files(path: str | Path) -> tuple[Path, dict[str, Path]]:
                                     f"(nor in {adapter.parent / STEERING_DIR})")
     SteeringVector.load(vector_dir)  # a broken vector is refused before anything is uploaded
     skip = {adapter / STEERING_DIR, adapter / GENERATE_FILE.parent}
-    files = {str(f.relative_to(adapter)): f for f in sorted(adapter.rglob("*"))
+    files = {f.relative_to(adapter).as_posix(): f for f in sorted(adapter.rglob("*"))
              if f.is_file() and not any(d in f.parents for d in skip) and not f.name.startswith(".")}
     files.update({f"{STEERING_DIR}/{f.name}": f for f in sorted(vector_dir.iterdir()) if f.is_file()})
     return adapter, files
