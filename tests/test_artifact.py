@@ -131,19 +131,76 @@ class _Hub(BaseHTTPRequestHandler):
         pass
 
 
+def serve_hub():
+    _Hub.files = {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def test_push_to_hub_uploads_adapter_and_vector(trained, tmp_path, monkeypatch):
+    """Every local file goes up, except that the uploaded custom_generate/generate.py names the repo
+    and not the local path (which stays in the local copy, unchanged)."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     model, tokenizer, vector = trained
     directory = save_artifact(model, vector, tmp_path / "artifact", tokenizer)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    local = {str(p.relative_to(directory)): p.read_bytes() for p in Path(directory).rglob("*") if p.is_file()}
+    server = serve_hub()
     try:
         url = push_to_hub(directory, "me/steered", token="test", endpoint=f"http://127.0.0.1:{server.server_port}")
     finally:
         server.shutdown()
-    local = {str(p.relative_to(directory)): p.read_bytes() for p in Path(directory).rglob("*") if p.is_file()}
     assert url.endswith("a" * 40)
-    assert _Hub.files == local and "steering/steering_vector.safetensors" in local
-    assert b"REPO_ID = 'me/steered'" in _Hub.files["custom_generate/generate.py"]
+    assert set(_Hub.files) == set(local) and "steering/steering_vector.safetensors" in local
+    generate_py = "custom_generate/generate.py"
+    assert all(_Hub.files[name] == data for name, data in local.items() if name != generate_py)
+    uploaded = _Hub.files[generate_py].decode()
+    assert "REPO_ID = 'me/steered'" in uploaded and "ARTIFACT_DIR = None" in uploaded
+    assert str(tmp_path) not in uploaded and str(tmp_path).encode() in local[generate_py]
+    assert (Path(directory) / generate_py).read_bytes() == local[generate_py]
+
+
+def test_push_command_uploads_a_run_directory(trained, tmp_path, monkeypatch, capsys):
+    """``svdecode push RUN_DIR REPO_ID``: a run written before the artifact (``<run>/adapter`` beside
+    ``<run>/steering``) goes up as one artifact; bad input is one line and exit 2, nothing uploaded."""
+    import huggingface_hub.constants
+
+    from svdecode_pl.cli.entry import main
+
+    model, tokenizer, vector = trained
+    model.save_pretrained(str(tmp_path / "run" / "adapter"))
+    vector.save(tmp_path / "run" / "steering")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "test")
+    server = serve_hub()
+
+    def push(*args: str) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as info:
+            main(["push", *args, "--endpoint", f"http://127.0.0.1:{server.server_port}"])
+            raise SystemExit(0)
+        out = capsys.readouterr()
+        return info.value.code, out.out, out.err
+
+    try:
+        for args, expected in [((str(tmp_path / "nowhere"), "me/steered"), "no such directory"),
+                               ((str(tmp_path), "me/steered"), "no adapter_config.json"),
+                               ((str(tmp_path / "run"), "me/a/b"), "repo id 'me/a/b'"),
+                               ((str(tmp_path / "run"),), "the following arguments are required: repo_id")]:
+            code, _, err = push(*args)
+            assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+        assert _Hub.files == {}
+        (tmp_path / "bare" / "adapter").mkdir(parents=True)
+        model.save_pretrained(str(tmp_path / "bare" / "adapter"))
+        code, _, err = push(str(tmp_path / "bare"), "me/steered")
+        assert code == 2 and "no steering vector to upload" in err and _Hub.files == {}
+        code, out, _ = push(str(tmp_path / "run"), "me/steered")
+    finally:
+        server.shutdown()
+    assert code == 0 and out.strip().endswith("a" * 40)
+    adapter = tmp_path / "run" / "adapter"
+    assert {n for n in _Hub.files if "/" not in n} == {p.name for p in adapter.iterdir()}
+    assert _Hub.files["steering/steering_vector.safetensors"] == (
+        tmp_path / "run" / "steering" / "steering_vector.safetensors").read_bytes()
+    assert "ARTIFACT_DIR = None" in _Hub.files["custom_generate/generate.py"].decode()

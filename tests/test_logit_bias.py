@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 
 from svdecode_pl.cli.entry import main
 from svdecode_pl.models.tiny import resolve_tiny_model
-from svdecode_pl.steering.logit_bias import apply_logit_bias, export_logit_bias
+from svdecode_pl.steering.logit_bias import apply_logit_bias, as_steering_vector, export_logit_bias
 from svdecode_pl.steering.processor import SteeringLogitsProcessor
 from svdecode_pl.steering.vector import SteeringVector
 
@@ -108,8 +108,29 @@ def test_command(tiny, tmp_path, capsys):
     path = concentrated_vector(model.config.vocab_size).save(tmp_path / "v")
     code, out, err = run(["logit-bias", str(path), "--max-entries", "32", "--model", "svdecode-tiny"], capsys)
     assert code == 0 and len(json.loads(out)["logit_bias"]) == 32 and "largest logit change dropped" in err
+    code, out, _ = run(["logit-bias", str(path)], capsys)  # the default, 1024, is capped at a smaller vocabulary
+    assert code == 0 and len(json.loads(out)["logit_bias"]) == model.config.vocab_size < 1024
     code, _, err = run(["logit-bias", str(path), "--max-entries", "5000"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--max-entries: 5000" in err
     other = SteeringVector(torch.zeros(100), mu=1.0).save(tmp_path / "other")
     code, _, err = run(["logit-bias", str(other), "--model", "svdecode-tiny"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "field 'vocab_size': 100" in err
+
+
+def test_sparse_bias_as_a_steering_vector_scores_what_the_server_applies(tmp_path, capsys):
+    """The vector written by --as-steering steers the logits exactly as the server's bias does (so
+    `svdecode test` on it measures the sparse bias), and keeps the full vector's metadata."""
+    full = concentrated_vector(710, spikes=40).with_mu(-3.0)
+    full.metadata["tokenizer_fingerprint"] = "abc"
+    exported = export_logit_bias(full, max_entries=32)
+    sparse = as_steering_vector(full, exported)
+    logits = torch.randn(3, 710, generator=torch.Generator().manual_seed(5))
+    served = apply_logit_bias(logits, exported.bias)
+    assert torch.allclose(sparse.steer(logits), served, atol=1e-5)
+    assert int((sparse.direction != 0).sum()) == 32 and sparse.metadata["tokenizer_fingerprint"] == "abc"
+    # the dropped entries really are dropped: the full vector's log-probabilities differ
+    assert not torch.allclose(full.steer(logits).log_softmax(-1), served.log_softmax(-1), atol=1e-2)
+    path = full.save(tmp_path / "v")
+    code, _, _ = run(["logit-bias", str(path), "--max-entries", "32", "--as-steering", str(tmp_path / "s")], capsys)
+    loaded = SteeringVector.load(tmp_path / "s")
+    assert code == 0 and torch.equal(loaded.direction, sparse.direction) and loaded.mu == -3.0

@@ -33,6 +33,10 @@ def run_cli(args: list[str] | None = None) -> SVDecodeCLI:
         from svdecode_pl.steering.logit_bias import main as logit_bias_main
 
         return logit_bias_main(argv[1:])
+    if argv[:1] == ["push"]:
+        from svdecode_pl.steering.artifact import main as push_main
+
+        return push_main(argv[1:])
     from svdecode_pl.cli.checks import check_config_files
 
     check_config_files(argv)  # before Lightning's 6 s import: a missing or broken file is one line now
@@ -59,7 +63,8 @@ DEBUG_HELP = (
     "configs/sweeps/), `svdecode report RUNS_DIR` writes its tables and figures, "
     "`svdecode lm-eval --model_args pretrained=...,peft=...,steering=... --tasks ...` evaluates a steered "
     "model on lm-eval tasks (lm-eval's own options), `svdecode logit-bias STEERING_DIR` exports static "
-    "steering as a server's logit_bias.\n"
+    "steering as a server's logit_bias, `svdecode push RUN_DIR REPO_ID` uploads a run's adapter + steering "
+    "vector as one Hub repo.\n"
     f"Errors in your input (data files, steering artifacts, adapters, model paths, option values) are "
     f"reported as one line and exit status 2; add --debug (or set {DEBUG_ENV}=1) to see their traceback."
 )

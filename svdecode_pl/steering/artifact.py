@@ -48,16 +48,22 @@ def save_artifact(model: nn.Module | None, vector: SteeringVector | None, direct
     return directory
 
 
+def custom_generate_source(directory: str | Path | None, repo_id: str | None = None) -> str:
+    """The text of ``custom_generate/generate.py`` with the artifact's local directory and Hub repo
+    id written in (``None`` leaves either blank: the uploaded copy has no local path)."""
+    source = _TEMPLATE.read_text()
+    local = None if directory is None else str(Path(directory).resolve())
+    source = source.replace('ARTIFACT_DIR = None', f"ARTIFACT_DIR = {local!r}")
+    return source.replace('REPO_ID = None', f"REPO_ID = {repo_id!r}")
+
+
 def write_custom_generate(directory: str | Path, repo_id: str | None = None) -> Path:
     """``custom_generate/generate.py``: transformers copies it into its module cache, so it cannot
     find the vector beside itself; the artifact's local path and Hub repo id are written into it."""
     directory = Path(directory)
-    source = _TEMPLATE.read_text()
-    source = source.replace('ARTIFACT_DIR = None', f"ARTIFACT_DIR = {str(directory.resolve())!r}")
-    source = source.replace('REPO_ID = None', f"REPO_ID = {repo_id!r}")
     path = directory / GENERATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(source)
+    path.write_text(custom_generate_source(directory, repo_id))
     return path
 
 
@@ -113,19 +119,78 @@ def _steered_generate(generate: Any, model: nn.Module, vector: SteeringVector, *
     return generate(*args, **kwargs)
 
 
+def upload_files(path: str | Path) -> tuple[Path, dict[str, Path]]:
+    """What an upload holds, as {path in the repo: local file}: the adapter's files at the top, the
+    vector under ``steering/``. ``path`` is an artifact directory or a run directory (``<run>/adapter``,
+    its vector in ``<run>/adapter/steering`` or, written before the artifact, ``<run>/steering``).
+    ``custom_generate/`` is left out: the uploaded copy is written afresh, without the local path."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path}: no such directory (expected a run directory or an artifact directory)")
+    adapter = path if (path / "adapter_config.json").is_file() else path / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise AdapterError(f"{path}: no adapter_config.json here or in {path.name}/adapter "
+                           "(not a run directory or an artifact directory)")
+    vector_dir = find_steering_dir(adapter)
+    if vector_dir is None or vector_dir == adapter:
+        raise SteeringArtifactError(f"{adapter / STEERING_DIR}: no steering vector to upload "
+                                    f"(nor in {adapter.parent / STEERING_DIR})")
+    SteeringVector.load(vector_dir)  # a broken vector is refused before anything is uploaded
+    skip = {adapter / STEERING_DIR, adapter / GENERATE_FILE.parent}
+    files = {f.relative_to(adapter).as_posix(): f for f in sorted(adapter.rglob("*"))
+             if f.is_file() and not any(d in f.parents for d in skip) and not f.name.startswith(".")}
+    files.update({f"{STEERING_DIR}/{f.name}": f for f in sorted(vector_dir.iterdir()) if f.is_file()})
+    return adapter, files
+
+
 def push_to_hub(directory: str | Path, repo_id: str, token: str | None = None, private: bool | None = None,
                 endpoint: str | None = None, commit_message: str = "SVDecode adapter + steering vector") -> str:
     """Upload the artifact (adapter, ``steering/``, ``custom_generate/``) as one commit; returns the
-    commit URL. ``custom_generate/generate.py`` is rewritten first to fetch the vector from ``repo_id``."""
-    from huggingface_hub import HfApi
+    commit URL. The uploaded ``custom_generate/generate.py`` fetches the vector from ``repo_id`` and
+    holds no local path; the local files are not changed. A run directory uploads its adapter and
+    vector the same way (:func:`upload_files`)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
-    directory = Path(directory)
-    if not (directory / "adapter_config.json").is_file():
-        raise AdapterError(f"{directory}: no adapter_config.json (not an artifact directory)")
-    if find_steering_dir(directory) != directory / STEERING_DIR:
-        raise SteeringArtifactError(f"{directory / STEERING_DIR}: no steering vector to upload")
-    write_custom_generate(directory, repo_id)
+    _, files = upload_files(directory)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(f)) for name, f in files.items()]
+    operations.append(CommitOperationAdd(path_in_repo=GENERATE_FILE.as_posix(),
+                                         path_or_fileobj=custom_generate_source(None, repo_id).encode()))
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message=commit_message)
+    info = api.create_commit(repo_id, operations, commit_message=commit_message)
     return str(getattr(info, "commit_url", info))
+
+
+def main(args: list[str]) -> None:
+    """``svdecode push RUN_DIR REPO_ID``: upload a run's adapter + steering vector as one Hub repo."""
+    import argparse
+
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+    from huggingface_hub.utils import validate_repo_id
+
+    from svdecode_pl.utils.errors import OptionError, one_line
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # one line and exit 2, like every other user error
+            raise OptionError(f"push: {message} (usage: svdecode push RUN_DIR REPO_ID)")
+
+    parser = Parser(prog="svdecode push", description=main.__doc__.split(": ", 1)[1])
+    parser.add_argument("run_dir", help="a run directory (<run>/adapter + its steering/) or an artifact directory")
+    parser.add_argument("repo_id", help="the Hub repo, owner/name (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--endpoint", help="another Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    parser.add_argument("--message", default="SVDecode adapter + steering vector", help="the commit message")
+    opts = parser.parse_args(args)  # the token comes from HF_TOKEN or `hf auth login`, never the command line
+    try:
+        validate_repo_id(opts.repo_id)
+    except HFValidationError as error:
+        raise OptionError(f"push: repo id {opts.repo_id!r}: {one_line(str(error))}") from None
+    upload_files(opts.run_dir)
+    try:
+        url = push_to_hub(opts.run_dir, opts.repo_id, private=opts.private or None, endpoint=opts.endpoint,
+                          commit_message=opts.message)
+    except OfflineModeIsEnabled:
+        raise OptionError("push: HF_HUB_OFFLINE is set; unset it to upload") from None
+    except HfHubHTTPError as error:
+        raise OptionError(f"push: the Hub refused the upload to {opts.repo_id}: {one_line(str(error))}") from None
+    print(url)

@@ -44,13 +44,16 @@ class LogitBias:
                 f"mu*d - c (c = {self.offset:.4g}); largest logit change dropped: {self.max_dropped:.4g}")
 
 
-def export_logit_bias(vector: SteeringVector, max_entries: int = MAX_ENTRIES, clamp: float = CLAMP) -> LogitBias:
-    """The sparse bias of at most ``max_entries`` entries, each within ``[-clamp, clamp]``."""
+def export_logit_bias(vector: SteeringVector, max_entries: int | None = None, clamp: float = CLAMP) -> LogitBias:
+    """The sparse bias of at most ``max_entries`` entries (default: :data:`MAX_ENTRIES`, or the whole
+    vocabulary when it is smaller), each within ``[-clamp, clamp]``."""
     if vector.mode != "static" or vector.direction is None:
         raise OptionError("logit-bias: a dynamic steering vector cannot be exported (its shift depends on each "
                           "step's base logits, which a server does not compute); use a static vector")
     shift = (vector.mu * vector.direction).double()
     vocab = shift.numel()
+    if max_entries is None:
+        max_entries = min(MAX_ENTRIES, vocab)
     if not 0 < max_entries <= vocab:
         raise OptionError(f"--max-entries: {max_entries} entries requested, but the vocabulary has {vocab} "
                           f"(expected 1..{vocab})")
@@ -81,6 +84,20 @@ def apply_logit_bias(scores: torch.Tensor, bias: dict[int, float]) -> torch.Tens
     return scores.index_add(-1, ids, values.expand(*scores.shape[:-1], -1))
 
 
+def as_steering_vector(vector: SteeringVector, exported: LogitBias) -> SteeringVector:
+    """What a server applies, as a static steering vector that ``svdecode test`` scores: the
+    direction is the sparse bias divided by mu (zero off the kept entries), mu unchanged, so
+    ``mu * direction`` is the bias (up to float32 rounding). Scoring it next to the full vector
+    measures what the truncation and clamp cost on a task."""
+    mu = vector.mu if vector.mu != 0 else 1.0
+    direction = torch.zeros(vector.direction.numel(), dtype=torch.float64)
+    if exported.bias:
+        direction[list(exported.bias)] = torch.tensor(list(exported.bias.values()), dtype=torch.float64) / mu
+    metadata = dict(vector.metadata, logit_bias_entries=len(exported.bias), logit_bias_offset=exported.offset,
+                    logit_bias_max_dropped=exported.max_dropped)
+    return SteeringVector(direction.float(), mu, "static", vector.confidence_threshold, metadata)
+
+
 def model_vocab_size(name_or_path: str) -> int:
     """The number of logits a model produces, from its config alone (no weights loaded)."""
     from transformers import AutoConfig
@@ -97,11 +114,15 @@ def main(args: list[str]) -> None:
     """``svdecode logit-bias STEERING_DIR``: the bias as JSON (``{"logit_bias": {"id": bias}}``)."""
     parser = argparse.ArgumentParser(prog="svdecode logit-bias", description=__doc__.split("\n")[0])
     parser.add_argument("steering", help="steering vector directory (or an artifact with steering/)")
-    parser.add_argument("--max-entries", type=int, default=MAX_ENTRIES, help="at most this many tokens (vLLM: 1024)")
+    parser.add_argument("--max-entries", type=int, default=None,
+                        help=f"at most this many tokens (default {MAX_ENTRIES}, vLLM's limit; at most the vocabulary)")
     parser.add_argument("--clamp", type=float, default=CLAMP, help="largest absolute bias a server accepts")
     parser.add_argument("--model", help="check the vector's vocabulary against this model (hub id or path)")
     parser.add_argument("--mu", type=float, help="override the vector's strength")
     parser.add_argument("--output", type=Path, help="write the JSON here (default: stdout)")
+    parser.add_argument("--as-steering", type=Path, metavar="DIR",
+                        help="also write the bias as a static steering vector (direction = bias / mu) into DIR, "
+                             "for `svdecode test` to score what a server would apply")
     opts = parser.parse_args(args)
     path = Path(opts.steering)
     if not (path / "steering_vector.json").exists() and (path / "steering" / "steering_vector.json").exists():
@@ -112,6 +133,8 @@ def main(args: list[str]) -> None:
     if opts.model:
         vector.check_compatible(model_vocab_size(opts.model), None, source=str(path / "steering_vector.json"))
     result = export_logit_bias(vector, opts.max_entries, opts.clamp)
+    if opts.as_steering:
+        as_steering_vector(vector, result).save(opts.as_steering)
     text = json.dumps({"logit_bias": {str(k): round(v, 6) for k, v in result.bias.items()}})
     if opts.output:
         opts.output.write_text(text + "\n")
