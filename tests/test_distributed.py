@@ -31,7 +31,8 @@ STRATEGIES = {
 }
 # 26 questions, half warm-start: 13 calibration and 13 test questions (odd, so one of two
 # processes gets one more and a padding sampler would count a question twice).
-DATA = ["--data.synthetic_questions", "26", "--data.batch_size", "4", "--data.eval_batch_size", "3"]
+DATA = ["--data.synthetic_questions", "26", "--data.batch_size", "4", "--data.eval_batch_size", "3",
+        "--data.train_fraction", "0.5", "--data.val_fraction", "0"]
 
 def cli(run_dir: Path, *args: str, devices: int = 1, timeout: int = 400, wait: bool = True):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}

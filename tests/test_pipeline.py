@@ -27,7 +27,7 @@ def small(run_dir: Path, *extra: str) -> list[str]:
         "--trainer.default_root_dir", str(run_dir),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
-        "--data.synthetic_questions", "24",
+        "--data.synthetic_questions", "24", "--data.train_fraction", "0.5", "--data.val_fraction", "0",
         "--data.eval_batch_size", "4",
         *extra,
     ]

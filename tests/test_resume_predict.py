@@ -23,7 +23,8 @@ from svdecode_pl.steering.vector import SteeringVector
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"mc": ROOT / "configs" / "quickstart.yaml", "gen": ROOT / "configs" / "truthfulqa_gen" / "quickstart.yaml"}
 # 26 questions, half warm-start: 13 test questions, 3 a batch (5 batches; 3 a process on 2)
-DATA = ["--data.synthetic_questions", "26", "--data.eval_batch_size", "3", "--data.train_fraction", "0.5"]
+DATA = ["--data.synthetic_questions", "26", "--data.eval_batch_size", "3", "--data.train_fraction", "0.5",
+        "--data.val_fraction", "0"]
 TASK_ARGS = {"mc": [], "gen": ["--data.generation.max_new_tokens", "6"]}
 
 KILLER = '''
