@@ -25,7 +25,8 @@ runs_dir: {tmp_path / "runs"}
 base: [{ROOT / "configs" / "quickstart.yaml"}]
 args: [--data.synthetic_questions, "20", --data.eval_batch_size, "5", --trainer.max_steps, "3",
        --trainer.enable_progress_bar, "false", --trainer.enable_model_summary, "false",
-       --steering.mu_grid, "[0.0, 1.0, 4.0]"]
+       --steering.mu_grid, "[0.0, 1.0, 4.0]", --steering.mu_grid_relative, "true",
+       --model.name_or_path, svdecode-tiny]
 axes:
   peft:
     lora: []
