@@ -168,21 +168,27 @@ def import_seconds(repeats: int = 3) -> float:
 
 
 def run_ours(
-    model_dir: str, data: Path, limit: int | None, device: str, batch_tokens: int | None, run_dir: Path
+    model_dir: str, data: Path, limit: int | None, device: str, batch_tokens: int | None, run_dir: Path,
+    root: Path = ROOT,
 ) -> dict:
-    """One whole ``svdecode test`` process: seconds from its start to its results.json."""
+    """One whole ``svdecode test`` process of the checkout at ``root`` (this one by default): seconds
+    from its start to its results.json. Every question is a test question (no warm-start or
+    validation split)."""
+    quickstart = root / "configs" / "quickstart.yaml"
     command = [
-        str(SVDECODE), "test", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-        "--config", str(ROOT / "configs" / "peft" / "none.yaml"), "--model.name_or_path", model_dir,
+        str(SVDECODE), "test", "--config", str(quickstart),
+        "--config", str(root / "configs" / "peft" / "none.yaml"), "--model.name_or_path", model_dir,
         "--data.path", str(data), "--data.train_fraction", "0", "--trainer.default_root_dir", str(run_dir),
     ]
+    if "val_fraction" in quickstart.read_text():  # a checkout from before the validation split has none
+        command += ["--data.val_fraction", "0"]
     if limit:
         command += ["--data.limit", str(limit)]
     if device != "cpu":
         command += ["--trainer.accelerator", "gpu"]
     if batch_tokens is not None:
         command += ["--model.score_batch_tokens", str(batch_tokens)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     results = run_dir / "results.json"
     results.unlink(missing_ok=True)
     start = time.time()
@@ -246,6 +252,9 @@ def main() -> None:
                         help="--model.score_batch_tokens of our run (default: the module's default)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating whole runs per side (fastest counts)")
     parser.add_argument("--lm-eval-python", default=os.environ.get("LM_EVAL_PYTHON", "/tmp/lmeval/venv/bin/python"))
+    parser.add_argument("--baseline-tree", type=Path, default=None,
+                        help="another checkout (git worktree add DIR COMMIT): its svdecode test runs alternately"
+                             " with ours on the same model; numbers must be identical, times side by side")
     args = parser.parse_args()
     keep_freed_memory()  # as the svdecode command does, so the in-process profile matches its runs
     if not args.data.exists():
@@ -261,11 +270,15 @@ def main() -> None:
             path = Path(tmp) / TINY[arch]
             models[arch] = str(build_tiny_model(path, **TINY_MODELS[TINY[arch]], embedding_std=args.embedding_std))
         for name, model_dir in models.items():
-            ours, reference = None, None
+            ours, reference, baseline = None, None, None
             for _ in range(args.repeats):  # alternate: a slow spell of the shared machine hits both sides
                 run = run_ours(model_dir, args.data, args.limit, args.device, args.score_batch_tokens,
                                Path(tmp) / f"run-{name}")
                 ours = run if ours is None or run["seconds"] < ours["seconds"] else ours
+                if args.baseline_tree:
+                    run = run_ours(model_dir, args.data, args.limit, args.device, args.score_batch_tokens,
+                                   Path(tmp) / f"baseline-{name}", root=args.baseline_tree.resolve())
+                    baseline = run if baseline is None or run["seconds"] < baseline["seconds"] else baseline
                 if has_lm_eval:
                     ref = run_lm_eval(args.lm_eval_python, model_dir, args.data, args.limit, args.device)
                     reference = ref if reference is None or ref["process_seconds"] < reference["process_seconds"] \
@@ -274,6 +287,12 @@ def main() -> None:
             print_profile(name, prof, reference)
             print(f"whole runs (fastest of {args.repeats}): svdecode test {ours['seconds']:.1f} s to results.json"
                   f" ({ours['exit_seconds']:.1f} s to exit)", end="")
+            if baseline:
+                same = all(ours[k] == baseline[k] for k in ("mc1", "mc2", "n"))
+                print(f"; baseline {args.baseline_tree} {baseline['seconds']:.1f} s"
+                      f" (ours/baseline {ours['seconds'] / baseline['seconds']:.3f}), numbers identical: {same}"
+                      f" (baseline MC1 {baseline['mc1']:.10f} MC2 {baseline['mc2']:.10f}, {baseline['n']} questions)",
+                      end="")
             if reference:
                 ratio = reference["process_seconds"] / ours["seconds"]
                 mc1_same = ours["mc1"] == reference["mc1"]

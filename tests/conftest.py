@@ -70,3 +70,69 @@ def _no_debug_environment():
     os.environ.pop("SVDECODE_DEBUG", None)
     yield
     os.environ.pop("SVDECODE_DEBUG", None)
+
+
+def small_run_args(config: str, run_dir: Path, questions: int, *extra: str) -> list[str]:
+    """A quickstart config cut to ``questions`` generated questions (half warm-start, no validation
+    split), quiet, in ``run_dir``: the pipeline tests' common command line."""
+    return [
+        "--config", config,
+        "--trainer.default_root_dir", str(run_dir),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--data.synthetic_questions", str(questions), "--data.train_fraction", "0.5", "--data.val_fraction", "0",
+        "--data.eval_batch_size", "4",
+        *extra,
+    ]
+
+
+# -- decoding tests (test_generation.py, test_dynamic_beams.py): one flat tiny model, every adapter type
+
+#: Random-init PEFT configs, so each adapter type changes the logits.
+ADAPTER_CONFIGS = {
+    "lora": lambda: __import__("peft").LoraConfig(r=4, task_type="CAUSAL_LM", init_lora_weights=False),
+    "ia3": lambda: __import__("peft").IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False),
+    "prompt_tuning": lambda: __import__("peft").PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    "prefix_tuning": lambda: __import__("peft").PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+}
+#: Prompts of different lengths, so batches are left-padded.
+PROMPT_TEXTS = ["Q: What happens if you break a mirror?\nA:", "Q: Why?\nA:", "Hello there", "The capital of France is"]
+
+
+def peft_model(model_dir: str, adapter: str = "lora"):
+    """The tiny model at ``model_dir`` with a seeded random adapter of type ``adapter``, in eval mode."""
+    from peft import get_peft_model
+
+    from svdecode_pl.models.loading import load_causal_lm
+
+    torch.manual_seed(0)
+    return get_peft_model(load_causal_lm(model_dir), ADAPTER_CONFIGS[adapter]()).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Decoding runs many small kernels: on a shared 2-core machine, one thread is far faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def flat_model_dir(tmp_path_factory) -> str:
+    """A tiny Qwen2 with flat enough distributions that sampling and steering change tokens."""
+    from svdecode_pl.models.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("decoding") / "flat", embedding_std=0.05))
+
+
+@pytest.fixture(scope="session")
+def flat_tokenizer(flat_model_dir):
+    from svdecode_pl.models.loading import load_tokenizer
+
+    return load_tokenizer(flat_model_dir)
+
+
+@pytest.fixture(scope="session")
+def prompts(flat_tokenizer) -> list[list[int]]:
+    return [flat_tokenizer(t)["input_ids"] for t in PROMPT_TEXTS]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from conftest import PROMPT_TEXTS, peft_model
 from transformers import LogitsProcessorList
 
 from svdecode_pl.evaluation import mixed_dynamic
@@ -23,46 +23,10 @@ from svdecode_pl.evaluation.generation import (
     stopping_criteria,
 )
 from svdecode_pl.models.heads import hf_model
-from svdecode_pl.models.loading import load_causal_lm, load_tokenizer
-from svdecode_pl.models.tiny import build_tiny_model
 from svdecode_pl.steering.vector import SteeringVector
 
-ADAPTERS = {
-    "lora": lambda: LoraConfig(r=4, task_type="CAUSAL_LM", init_lora_weights=False),
-    "ia3": lambda: IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False),
-    "prompt_tuning": lambda: PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
-    "prefix_tuning": lambda: PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
-}
-TEXTS = ["Q: What happens if you break a mirror?\nA:", "Q: Why?\nA:", "Hello there", "The capital of France is"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 BEAMS = GenerationSettings(max_new_tokens=8, stop=[], num_beams=3)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("beams") / "flat", embedding_std=0.05))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return load_tokenizer(model_dir)
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer):
-    return [tokenizer(t)["input_ids"] for t in TEXTS]  # different lengths: left padding
-
-
-def peft_model(model_dir: str, adapter: str = "lora"):
-    torch.manual_seed(0)
-    return get_peft_model(load_causal_lm(model_dir), ADAPTERS[adapter]()).eval()
 
 
 def two_pass_only(monkeypatch, one_pass: bool) -> None:
@@ -72,27 +36,27 @@ def two_pass_only(monkeypatch, one_pass: bool) -> None:
 
 @pytest.mark.parametrize(("adapter", "one_pass"),
                          [("lora", True), ("lora", False), ("ia3", False), ("prompt_tuning", False)])
-def test_mu_zero_beams_are_generate_beams(model_dir, tokenizer, prompts, monkeypatch, adapter, one_pass):
+def test_mu_zero_beams_are_generate_beams(flat_model_dir, flat_tokenizer, prompts, monkeypatch, adapter, one_pass):
     """Whole sequences (prompt, beams' tokens, padding after EOS) equal, both caches reordered."""
     two_pass_only(monkeypatch, one_pass)
-    model = peft_model(model_dir, adapter)
-    plain = generate_sequences(model, tokenizer, prompts, BEAMS)
-    ours = generate_sequences(model, tokenizer, prompts, BEAMS, SteeringVector(None, 0.0, mode="dynamic"))
+    model = peft_model(flat_model_dir, adapter)
+    plain = generate_sequences(model, flat_tokenizer, prompts, BEAMS)
+    ours = generate_sequences(model, flat_tokenizer, prompts, BEAMS, SteeringVector(None, 0.0, mode="dynamic"))
     assert torch.equal(ours, plain)
-    greedy = generate_sequences(model, tokenizer, prompts, GenerationSettings(max_new_tokens=8, stop=[]))
+    greedy = generate_sequences(model, flat_tokenizer, prompts, GenerationSettings(max_new_tokens=8, stop=[]))
     assert not torch.equal(plain, greedy)  # the beams chose something greedy decoding did not
 
 
 
-def test_mu_zero_beam_sampling_is_generate_beam_sampling(model_dir, tokenizer, prompts):
+def test_mu_zero_beam_sampling_is_generate_beam_sampling(flat_model_dir, flat_tokenizer, prompts):
     """Seeded beam sampling draws the same candidates (warpers keeping #EOS + 1 tokens, as generate's)."""
-    model = peft_model(model_dir)
+    model = peft_model(flat_model_dir)
     settings = GenerationSettings(max_new_tokens=8, stop=[], num_beams=3, do_sample=True, temperature=0.8, top_k=40,
                                   seed=3)
-    plain = generate_sequences(model, tokenizer, prompts, settings)
-    assert torch.equal(generate_sequences(model, tokenizer, prompts, settings, SteeringVector(None, 0.0, "dynamic")),
-                       plain)
-    assert not torch.equal(plain, generate_sequences(model, tokenizer, prompts, BEAMS))
+    plain = generate_sequences(model, flat_tokenizer, prompts, settings)
+    at_zero = SteeringVector(None, 0.0, "dynamic")
+    assert torch.equal(generate_sequences(model, flat_tokenizer, prompts, settings, at_zero), plain)
+    assert not torch.equal(plain, generate_sequences(model, flat_tokenizer, prompts, BEAMS))
 
 
 class _SteeredLogProbs:
@@ -114,9 +78,9 @@ class _SteeredLogProbs:
         return torch.log_softmax(self.vector.steer(adapted, base), -1)
 
 
-def _reference_beams(model, tokenizer, prompts, vector, naive: bool = False) -> torch.Tensor:
-    input_ids, mask = left_padded(prompts, tokenizer.pad_token_id, torch.device("cpu"))
-    config = generation_config(BEAMS, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+def _reference_beams(model, flat_tokenizer, prompts, vector, naive: bool = False) -> torch.Tensor:
+    input_ids, mask = left_padded(prompts, flat_tokenizer.pad_token_id, torch.device("cpu"))
+    config = generation_config(BEAMS, stop_token_ids(model, flat_tokenizer), flat_tokenizer.pad_token_id)
     processor = _SteeredLogProbs(model, vector, mask.repeat_interleave(BEAMS.num_beams, 0), naive)
     with checkpoint_defaults_ignored(model), torch.no_grad():
         return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
@@ -124,21 +88,22 @@ def _reference_beams(model, tokenizer, prompts, vector, naive: bool = False) -> 
 
 
 @pytest.mark.parametrize("one_pass", [True, False])
-def test_steered_beams_rank_by_steered_log_probabilities(model_dir, tokenizer, prompts, monkeypatch, one_pass):
+def test_steered_beams_rank_by_steered_log_probabilities(flat_model_dir, flat_tokenizer, prompts, monkeypatch,
+                                                         one_pass):
     two_pass_only(monkeypatch, one_pass)
-    model = peft_model(model_dir)
+    model = peft_model(flat_model_dir)
     vector = SteeringVector(None, 300.0, mode="dynamic")  # flat model: small directions
-    ours = generate_sequences(model, tokenizer, prompts, BEAMS, vector)
-    assert torch.equal(ours, _reference_beams(model, tokenizer, prompts, vector))
-    assert not torch.equal(ours, generate_sequences(model, tokenizer, prompts, BEAMS))  # steering changed beams
-    assert not torch.equal(ours, _reference_beams(model, tokenizer, prompts, vector, naive=True))
+    ours = generate_sequences(model, flat_tokenizer, prompts, BEAMS, vector)
+    assert torch.equal(ours, _reference_beams(model, flat_tokenizer, prompts, vector))
+    assert not torch.equal(ours, generate_sequences(model, flat_tokenizer, prompts, BEAMS))  # steering changed beams
+    assert not torch.equal(ours, _reference_beams(model, flat_tokenizer, prompts, vector, naive=True))
 
 
-def test_prefix_tuning_beams_equal_an_uncached_beam_search(model_dir, tokenizer, prompts):
+def test_prefix_tuning_beams_equal_an_uncached_beam_search(flat_model_dir, flat_tokenizer, prompts):
     """PEFT's own ``generate`` gives prefix tuning different beams alone and in a batch (its prefix
     cache under beam search), so the reference here is the same scoring over logits recomputed
     without a cache: the prefix cache, reordered with the beams, changes nothing."""
-    model = peft_model(model_dir, "prefix_tuning")
+    model = peft_model(flat_model_dir, "prefix_tuning")
     vector = SteeringVector(None, 300.0, mode="dynamic")
     for prompt in prompts:
         seqs = {"ids": torch.tensor([prompt]).repeat_interleave(BEAMS.num_beams, 0)}
@@ -151,10 +116,10 @@ def test_prefix_tuning_beams_equal_an_uncached_beam_search(model_dir, tokenizer,
                 base = hf_model(model)(input_ids=seqs["ids"], use_cache=False).logits[:, -1].float()
             return adapted, base
 
-        criteria = stopping_criteria(tokenizer, BEAMS, len(prompt), stop_token_ids(model, tokenizer))
+        criteria = stopping_criteria(flat_tokenizer, BEAMS, len(prompt), stop_token_ids(model, flat_tokenizer))
         with torch.no_grad():
-            expected = beam_search(advance, seqs["ids"], BEAMS, vector, criteria, tokenizer.pad_token_id)
-        assert torch.equal(generate_sequences(model, tokenizer, [prompt], BEAMS, vector), expected)
+            expected = beam_search(advance, seqs["ids"], BEAMS, vector, criteria, flat_tokenizer.pad_token_id)
+        assert torch.equal(generate_sequences(model, flat_tokenizer, [prompt], BEAMS, vector), expected)
 
 
 def _streams_after(model, mask, one_pass, prompt_ids, steps, reorder=None):
@@ -175,12 +140,12 @@ def _streams_after(model, mask, one_pass, prompt_ids, steps, reorder=None):
 
 
 @pytest.mark.parametrize(("adapter", "one_pass"), [("lora", True), ("lora", False), ("prefix_tuning", False)])
-def test_reorder_moves_both_caches_with_the_beams(model_dir, tokenizer, adapter, one_pass):
+def test_reorder_moves_both_caches_with_the_beams(flat_model_dir, flat_tokenizer, adapter, one_pass):
     """After a reorder, each row continues the history of the beam it took: adapted and base
     states as fresh streams fed the reordered histories."""
-    model = peft_model(model_dir, adapter)
+    model = peft_model(flat_model_dir, adapter)
     assert not one_pass or mixed_dynamic.mixed_batch_support(model)[0]  # the one-pass streams run
-    prompt_ids = torch.tensor([tokenizer(TEXTS[0])["input_ids"]]).repeat(4, 1)
+    prompt_ids = torch.tensor([flat_tokenizer(PROMPT_TEXTS[0])["input_ids"]]).repeat(4, 1)
     mask = torch.ones_like(prompt_ids)
     first, second = torch.tensor([11, 22, 33, 44]), torch.tensor([5, 6, 7, 8])
     order = torch.tensor([2, 0, 0, 3])

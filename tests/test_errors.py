@@ -425,12 +425,16 @@ EARLY_CASES = [
 ]
 
 
+def assert_exit_2_without_traceback(result) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CONSOLE_CASES)
 def test_console_script_reports_one_line(console_runs, case):
     result, expected = console_runs[case]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr + result.stdout
+    assert_exit_2_without_traceback(result)
     errors = [line for line in result.stderr.splitlines() if line.startswith("svdecode: error: ")]
     assert len(errors) == 1, result.stderr[-3000:]
     assert expected in errors[0], errors[0]
@@ -440,8 +444,7 @@ def test_console_script_reports_one_line(console_runs, case):
 @pytest.mark.parametrize("case", EARLY_CASES)
 def test_console_script_refuses_options_paths_and_combinations_early(console_runs, case):
     result, expected = console_runs[case]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr + result.stdout
+    assert_exit_2_without_traceback(result)
     lines = result.stderr.splitlines()
     assert 1 <= len(lines) <= 2, result.stderr[-3000:]
     assert lines[0].startswith("svdecode: error: ") and expected in lines[0], lines[0]

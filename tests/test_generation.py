@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from conftest import ADAPTER_CONFIGS, peft_model
 
 from svdecode_pl.evaluation.dynamic import dynamic_steered_decode
 from svdecode_pl.evaluation.generation import (
@@ -20,53 +20,16 @@ from svdecode_pl.evaluation.generation import (
     stopping_criteria,
 )
 from svdecode_pl.models.heads import hf_model, output_vocab_size
-from svdecode_pl.models.loading import load_causal_lm, load_tokenizer
 from svdecode_pl.models.tiny import build_tiny_model
 from svdecode_pl.steering.vector import SteeringVector, steering_direction
 
-ADAPTERS = {
-    "lora": lambda: LoraConfig(r=4, task_type="CAUSAL_LM", init_lora_weights=False),
-    "ia3": lambda: IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False),
-    "prompt_tuning": lambda: PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
-    "prefix_tuning": lambda: PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
-}
-TEXTS = ["Q: What happens if you break a mirror?\nA:", "Q: Why?\nA:", "Hello there", "The capital of France is"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 STRATEGIES = {
     "greedy": GenerationSettings(max_new_tokens=10, stop=[]),
     "sampling": GenerationSettings(max_new_tokens=10, stop=[], do_sample=True, temperature=0.8, top_k=40, top_p=0.9,
                                    seed=7),
     "beams": GenerationSettings(max_new_tokens=8, stop=[], num_beams=3),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Decoding runs many small kernels: on a shared 2-core machine, one thread is far faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Qwen2 with flat enough distributions that sampling and steering change tokens."""
-    return str(build_tiny_model(tmp_path_factory.mktemp("gen") / "flat", embedding_std=0.05))
-
-
-def peft_model(model_dir: str, adapter: str = "lora"):
-    torch.manual_seed(0)
-    return get_peft_model(load_causal_lm(model_dir), ADAPTERS[adapter]()).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return load_tokenizer(model_dir)
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer):
-    return [tokenizer(t)["input_ids"] for t in TEXTS]  # different lengths: left padding
 
 
 def random_direction(model, seed: int = 1) -> torch.Tensor:
@@ -78,57 +41,58 @@ def random_direction(model, seed: int = 1) -> torch.Tensor:
     [("static", "greedy"), ("static", "sampling"), ("static", "beams"), ("dynamic", "greedy"), ("dynamic", "sampling"),
      ("dynamic", "beams")],  # dynamic beams for every loop and adapter: test_dynamic_beams.py
 )
-def test_mu_zero_reproduces_plain_decoding(model_dir, tokenizer, prompts, strategy, mode):
-    model = peft_model(model_dir)
+def test_mu_zero_reproduces_plain_decoding(flat_model_dir, flat_tokenizer, prompts, strategy, mode):
+    model = peft_model(flat_model_dir)
     settings = STRATEGIES[strategy]
     vector = SteeringVector(random_direction(model) if mode == "static" else None, 0.0, mode=mode)
-    plain = generate_token_ids(model, tokenizer, prompts, settings)
-    steered = generate_token_ids(model, tokenizer, prompts, settings, vector)
+    plain = generate_token_ids(model, flat_tokenizer, prompts, settings)
+    steered = generate_token_ids(model, flat_tokenizer, prompts, settings, vector)
     assert steered == plain
     assert all(len(ids) > 0 for ids in plain)
     if strategy == "sampling":  # the seed, not the global generator, decides
         torch.manual_seed(12345)
-        assert generate_token_ids(model, tokenizer, prompts, settings) == plain
-        assert plain != generate_token_ids(model, tokenizer, prompts, GenerationSettings(max_new_tokens=10, stop=[]))
+        assert generate_token_ids(model, flat_tokenizer, prompts, settings) == plain
+        greedy = GenerationSettings(max_new_tokens=10, stop=[])
+        assert plain != generate_token_ids(model, flat_tokenizer, prompts, greedy)
 
 
-@pytest.mark.parametrize("adapter", list(ADAPTERS))
-def test_dynamic_loop_at_mu_zero_is_generate_for_every_adapter(model_dir, tokenizer, prompts, adapter):
+@pytest.mark.parametrize("adapter", list(ADAPTER_CONFIGS))
+def test_dynamic_loop_at_mu_zero_is_generate_for_every_adapter(flat_model_dir, flat_tokenizer, prompts, adapter):
     """Our loop (virtual tokens, positions, caches of its own) decodes as PEFT's ``generate`` does,
     batched and left-padded, and as one prompt at a time."""
-    model = peft_model(model_dir, adapter)
+    model = peft_model(flat_model_dir, adapter)
     settings = STRATEGIES["greedy"]
-    ours = generate_token_ids(model, tokenizer, prompts, settings, SteeringVector(None, 0.0, mode="dynamic"))
-    assert ours == generate_token_ids(model, tokenizer, prompts, settings)
-    assert ours == [generate_token_ids(model, tokenizer, [prompt], settings)[0] for prompt in prompts]
+    ours = generate_token_ids(model, flat_tokenizer, prompts, settings, SteeringVector(None, 0.0, mode="dynamic"))
+    assert ours == generate_token_ids(model, flat_tokenizer, prompts, settings)
+    assert ours == [generate_token_ids(model, flat_tokenizer, [prompt], settings)[0] for prompt in prompts]
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_static_steering_is_decoding_with_shifted_logits(model_dir, tokenizer, prompts, strategy):
+def test_static_steering_is_decoding_with_shifted_logits(flat_model_dir, flat_tokenizer, prompts, strategy):
     """Steered decoding = plain decoding of a model whose head outputs z + mu*d; under beam search
     that means beams ranked by log_softmax(z + mu*d)."""
-    model = peft_model(model_dir)
+    model = peft_model(flat_model_dir)
     settings = STRATEGIES[strategy]
     vector = SteeringVector(random_direction(model), 1.5)
-    steered = generate_token_ids(model, tokenizer, prompts, settings, vector)
+    steered = generate_token_ids(model, flat_tokenizer, prompts, settings, vector)
     head = hf_model(model).get_output_embeddings()
     handle = head.register_forward_hook(lambda _module, _inputs, logits: logits + vector.mu * vector.direction)
     try:
-        shifted_head = generate_token_ids(model, tokenizer, prompts, settings)
+        shifted_head = generate_token_ids(model, flat_tokenizer, prompts, settings)
     finally:
         handle.remove()
     assert steered == shifted_head
-    assert steered != generate_token_ids(model, tokenizer, prompts, settings)  # steering changed the output
+    assert steered != generate_token_ids(model, flat_tokenizer, prompts, settings)  # steering changed the output
 
 
-def _plain_generate(model, tokenizer, prompts, settings, processors=()):
+def _plain_generate(model, flat_tokenizer, prompts, settings, processors=()):
     """``model.generate`` as a user calls it, with our settings pinned; the new tokens."""
     from transformers import LogitsProcessorList
 
     from svdecode_pl.evaluation.generation import checkpoint_defaults_ignored, generation_config, seeded
 
-    input_ids, mask = left_padded(prompts, tokenizer.pad_token_id, torch.device("cpu"))
-    config = generation_config(settings, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+    input_ids, mask = left_padded(prompts, flat_tokenizer.pad_token_id, torch.device("cpu"))
+    config = generation_config(settings, stop_token_ids(model, flat_tokenizer), flat_tokenizer.pad_token_id)
     with seeded(settings.seed, input_ids.device), checkpoint_defaults_ignored(model), torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
                              logits_processor=LogitsProcessorList(list(processors)))
@@ -161,7 +125,7 @@ class _AddToScores:
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_processor_in_plain_generate_is_a_head_with_bias_mu_d(model_dir, peaked_model_dir, tokenizer, prompts,
+def test_processor_in_plain_generate_is_a_head_with_bias_mu_d(flat_model_dir, peaked_model_dir, flat_tokenizer, prompts,
                                                               strategy):
     """No flag: ``model.generate(..., logits_processor=[SteeringLogitsProcessor(v)])`` equals
     generating from a head whose bias is mu*d, under greedy, seeded sampling and beam search
@@ -169,10 +133,10 @@ def test_processor_in_plain_generate_is_a_head_with_bias_mu_d(model_dir, peaked_
     from svdecode_pl.steering.processor import SteeringLogitsProcessor
 
     beams = strategy == "beams"
-    model = peft_model(peaked_model_dir if beams else model_dir)
+    model = peft_model(peaked_model_dir if beams else flat_model_dir)
     settings = STRATEGIES[strategy]
     vector = SteeringVector(spiked_direction(model) if beams else random_direction(model), 2.0 if beams else 1.5)
-    steered = _plain_generate(model, tokenizer, prompts, settings, [SteeringLogitsProcessor(vector)])
+    steered = _plain_generate(model, flat_tokenizer, prompts, settings, [SteeringLogitsProcessor(vector)])
     head = hf_model(model).get_output_embeddings()
     biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
     with torch.no_grad():
@@ -180,15 +144,15 @@ def test_processor_in_plain_generate_is_a_head_with_bias_mu_d(model_dir, peaked_
         biased.bias.copy_(vector.mu * vector.direction)
     hf_model(model).set_output_embeddings(biased)
     try:
-        with_bias = _plain_generate(model, tokenizer, prompts, settings)
+        with_bias = _plain_generate(model, flat_tokenizer, prompts, settings)
     finally:
         hf_model(model).set_output_embeddings(head)
     assert steered == with_bias
     if beams:  # the case tells the right ranking from log_softmax(z) + mu*d
-        naive = _plain_generate(model, tokenizer, prompts, settings, [_AddToScores(vector.mu * vector.direction)])
+        naive = _plain_generate(model, flat_tokenizer, prompts, settings, [_AddToScores(vector.mu * vector.direction)])
         assert naive != with_bias
     else:
-        assert steered != _plain_generate(model, tokenizer, prompts, settings)  # steering changed the output
+        assert steered != _plain_generate(model, flat_tokenizer, prompts, settings)  # steering changed the output
 
 
 def test_log_probabilities_are_detected():
@@ -204,7 +168,7 @@ def test_log_probabilities_are_detected():
 
 
 @pytest.mark.parametrize("flag", [None, True])
-def test_beam_scores_are_steered_log_probabilities(model_dir, tokenizer, prompts, flag):
+def test_beam_scores_are_steered_log_probabilities(flat_model_dir, flat_tokenizer, prompts, flag):
     """The best beam's score is the length-normalised sum of log_softmax(z + mu*d) of its tokens,
     without a flag (detected) and with the old ``log_probs=True``."""
     from transformers import LogitsProcessorList
@@ -212,14 +176,15 @@ def test_beam_scores_are_steered_log_probabilities(model_dir, tokenizer, prompts
     from svdecode_pl.evaluation.generation import checkpoint_defaults_ignored, generation_config
     from svdecode_pl.steering.processor import SteeringLogitsProcessor
 
-    model = peft_model(model_dir)
+    model = peft_model(flat_model_dir)
     settings = STRATEGIES["beams"]
     vector = SteeringVector(random_direction(model), 1.5)
-    input_ids, mask = left_padded(prompts[:1], tokenizer.pad_token_id, torch.device("cpu"))
+    input_ids, mask = left_padded(prompts[:1], flat_tokenizer.pad_token_id, torch.device("cpu"))
     with checkpoint_defaults_ignored(model):
         out = model.generate(
             input_ids=input_ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True,
-            generation_config=generation_config(settings, stop_token_ids(model, tokenizer), tokenizer.pad_token_id),
+            generation_config=generation_config(settings, stop_token_ids(model, flat_tokenizer),
+                                                flat_tokenizer.pad_token_id),
             logits_processor=LogitsProcessorList([SteeringLogitsProcessor(vector, log_probs=flag)]),
         )
     sequence = out.sequences[0]
@@ -231,15 +196,15 @@ def test_beam_scores_are_steered_log_probabilities(model_dir, tokenizer, prompts
     assert torch.allclose(out.sequences_scores[0], expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("adapter", list(ADAPTERS))
-def test_dynamic_loop_logits_equal_uncached_recomputation(model_dir, tokenizer, prompts, adapter):
-    model = peft_model(model_dir, adapter)
+@pytest.mark.parametrize("adapter", list(ADAPTER_CONFIGS))
+def test_dynamic_loop_logits_equal_uncached_recomputation(flat_model_dir, flat_tokenizer, prompts, adapter):
+    model = peft_model(flat_model_dir, adapter)
     settings = GenerationSettings(max_new_tokens=6, stop=[])
     vector = SteeringVector(None, 300.0, mode="dynamic")  # flat model: small directions
-    input_ids, mask = left_padded(prompts, tokenizer.pad_token_id, torch.device("cpu"))
-    eos = stop_token_ids(model, tokenizer)
-    criteria = stopping_criteria(tokenizer, settings, input_ids.shape[1], eos)
-    out = dynamic_steered_decode(model, input_ids, mask, settings, vector, criteria, tokenizer.pad_token_id,
+    input_ids, mask = left_padded(prompts, flat_tokenizer.pad_token_id, torch.device("cpu"))
+    eos = stop_token_ids(model, flat_tokenizer)
+    criteria = stopping_criteria(flat_tokenizer, settings, input_ids.shape[1], eos)
+    out = dynamic_steered_decode(model, input_ids, mask, settings, vector, criteria, flat_tokenizer.pad_token_id,
                                  keep_logits=True)
     assert len(out.adapted_logits) == out.sequences.shape[1] - input_ids.shape[1] == settings.max_new_tokens
     largest_shift = 0.0
@@ -263,81 +228,81 @@ def test_dynamic_loop_logits_equal_uncached_recomputation(model_dir, tokenizer, 
 
 
 @pytest.mark.parametrize("mode", ["none", "static", "dynamic"])
-def test_stop_strings_cut_text_and_stop_decoding(model_dir, tokenizer, prompts, mode):
+def test_stop_strings_cut_text_and_stop_decoding(flat_model_dir, flat_tokenizer, prompts, mode):
     """The text is the full continuation cut at the first stop string, and decoding stops once
     every row has produced one."""
-    model = peft_model(model_dir)
+    model = peft_model(flat_model_dir)
     vector = {"none": None, "static": SteeringVector(random_direction(model), 0.5),
               "dynamic": SteeringVector(None, -2.0, mode="dynamic")}[mode]
     long = GenerationSettings(max_new_tokens=24, stop=[])
-    full = generate_texts(model, tokenizer, prompts, long, vector)
+    full = generate_texts(model, flat_tokenizer, prompts, long, vector)
     # a stop string every row produces: the 2 characters after its first 3 characters
     stops = [text[3:5] for text in full]
     assert all(len(s) == 2 for s in stops)
     settings = GenerationSettings(max_new_tokens=24, stop=stops)
-    texts = generate_texts(model, tokenizer, prompts, settings, vector)
+    texts = generate_texts(model, flat_tokenizer, prompts, settings, vector)
     expected = []
     for text in full:
         for term in stops:
             text = text.split(term)[0]
         expected.append(text)
     assert texts == expected
-    sequences = generate_sequences(model, tokenizer, prompts, settings, vector)
+    sequences = generate_sequences(model, flat_tokenizer, prompts, settings, vector)
     assert sequences.shape[1] - max(map(len, prompts)) < long.max_new_tokens
 
 
-def test_stop_string_criterion_reads_the_continuation_only(tokenizer):
-    prompt = tokenizer("A:\n")["input_ids"]
-    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    word = tokenizer("o", add_special_tokens=False)["input_ids"]
+def test_stop_string_criterion_reads_the_continuation_only(flat_tokenizer):
+    prompt = flat_tokenizer("A:\n")["input_ids"]
+    newline = flat_tokenizer("\n", add_special_tokens=False)["input_ids"]
+    word = flat_tokenizer("o", add_special_tokens=False)["input_ids"]
     assert len(newline) == len(word) == 1
-    criterion = StopStringsCriteria(tokenizer, ["\n\n"], prompt_length=len(prompt))
+    criterion = StopStringsCriteria(flat_tokenizer, ["\n\n"], prompt_length=len(prompt))
     first = torch.tensor([prompt + newline, prompt + word])
     assert criterion(first).tolist() == [False, False]  # "\n" + "\n" straddling the prompt does not count
     second = torch.tensor([prompt + newline + newline, prompt + word + word])
     assert criterion(second).tolist() == [True, False]
 
 
-def test_eos_stops_and_is_cut(model_dir, tokenizer, prompts):
+def test_eos_stops_and_is_cut(flat_model_dir, flat_tokenizer, prompts):
     """A steering vector that makes EOS the top token: every continuation is empty."""
-    model = peft_model(model_dir)
+    model = peft_model(flat_model_dir)
     direction = torch.zeros(output_vocab_size(model))
-    direction[tokenizer.eos_token_id] = 1.0
+    direction[flat_tokenizer.eos_token_id] = 1.0
     vector = SteeringVector(direction, 1e4)
     settings = GenerationSettings(max_new_tokens=5, stop=[])
-    assert generate_texts(model, tokenizer, prompts, settings, vector) == [""] * len(prompts)
-    assert generate_sequences(model, tokenizer, prompts, settings, vector).shape[1] == max(map(len, prompts)) + 1
+    assert generate_texts(model, flat_tokenizer, prompts, settings, vector) == [""] * len(prompts)
+    assert generate_sequences(model, flat_tokenizer, prompts, settings, vector).shape[1] == max(map(len, prompts)) + 1
 
 
-def test_checkpoint_generation_config_cannot_switch_on_processors(model_dir, tokenizer, prompts):
-    model = peft_model(model_dir)
+def test_checkpoint_generation_config_cannot_switch_on_processors(flat_model_dir, flat_tokenizer, prompts):
+    model = peft_model(flat_model_dir)
     vector = SteeringVector(random_direction(model), 1.0)
     settings = GenerationSettings(max_new_tokens=8, stop=[])
-    plain, steered = (generate_token_ids(model, tokenizer, prompts, settings, v) for v in (None, vector))
+    plain, steered = (generate_token_ids(model, flat_tokenizer, prompts, settings, v) for v in (None, vector))
     config = hf_model(model).generation_config
     config.repetition_penalty, config.no_repeat_ngram_size = 5.0, 1
     config.suppress_tokens = sorted({ids[0] for ids in plain if ids})
     config.do_sample, config.top_k, config.num_beams = True, 3, 4
-    assert generate_token_ids(model, tokenizer, prompts, settings) == plain
-    assert generate_token_ids(model, tokenizer, prompts, settings, vector) == steered
+    assert generate_token_ids(model, flat_tokenizer, prompts, settings) == plain
+    assert generate_token_ids(model, flat_tokenizer, prompts, settings, vector) == steered
     assert hf_model(model).generation_config.repetition_penalty == 5.0  # restored afterwards
 
 
-def test_plain_path_matches_lm_eval_generate_call(model_dir, tokenizer, prompts):
+def test_plain_path_matches_lm_eval_generate_call(flat_model_dir, flat_tokenizer, prompts):
     """At batch size 1 lm-eval calls generate(input_ids, attention_mask, max_length=ctx+max_gen_toks,
     pad_token_id, use_cache=True, do_sample=False) with the model's own defaults, then decodes the
     continuation and splits it at each stop string: our plain path gives the same completions."""
-    model = peft_model(model_dir)
+    model = peft_model(flat_model_dir)
     settings = GenerationSettings(max_new_tokens=16, stop=["\n\n", "."])
     for prompt in prompts:
         ids = torch.tensor([prompt])
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_length=ids.shape[1] + 16,
-                                 pad_token_id=tokenizer.pad_token_id, use_cache=True, do_sample=False)
-        text = tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
-        for term in [*settings.stop, tokenizer.eos_token]:
+                                 pad_token_id=flat_tokenizer.pad_token_id, use_cache=True, do_sample=False)
+        text = flat_tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+        for term in [*settings.stop, flat_tokenizer.eos_token]:
             text = text.split(term)[0]
-        assert generate_texts(model, tokenizer, [prompt], settings) == [text]
+        assert generate_texts(model, flat_tokenizer, [prompt], settings) == [text]
 
 
 def test_settings_are_validated():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_run_args
 from peft import PeftModel
 
 from svdecode_pl.cli.entry import run_cli
@@ -22,15 +23,7 @@ def run(*args: str):
 
 
 def small(run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--config", QUICKSTART,
-        "--trainer.default_root_dir", str(run_dir),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--data.synthetic_questions", "24", "--data.train_fraction", "0.5", "--data.val_fraction", "0",
-        "--data.eval_batch_size", "4",
-        *extra,
-    ]
+    return small_run_args(QUICKSTART, run_dir, 24, *extra)
 
 
 def check_results(run_dir: Path, steered: bool) -> dict:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import real_data
+from conftest import real_data, small_run_args
 
 from svdecode_pl.cli.entry import run_cli
 from svdecode_pl.corpus.primer import QA_PRIMER
@@ -26,16 +26,7 @@ QUICKSTART = str(ROOT / "configs" / "truthfulqa_gen" / "quickstart.yaml")
 
 
 def small(run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--config", QUICKSTART,
-        "--trainer.default_root_dir", str(run_dir),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--data.synthetic_questions", "22", "--data.train_fraction", "0.5", "--data.val_fraction", "0",
-        "--data.eval_batch_size", "4",
-        "--data.generation.max_new_tokens", "6",
-        *extra,
-    ]
+    return small_run_args(QUICKSTART, run_dir, 22, "--data.generation.max_new_tokens", "6", *extra)
 
 
 def test_real_csv_items_follow_lm_eval():
