@@ -32,6 +32,7 @@ from svdecode_pl.evaluation.scoring import score_many
 from svdecode_pl.evaluation.scoring_job import PrefixCache
 from svdecode_pl.evaluation.settings import EvaluationSettings, ScoringSettings
 from svdecode_pl.steering.vector import SteeringVector
+from svdecode_pl.utils.allocator import release_freed_memory
 
 
 @dataclass
@@ -60,12 +61,17 @@ class Evaluator:
         return self.settings.steering.vector
 
     def evaluate(self, items: list[EvalItem], device: torch.device | str = "cpu") -> list[Record]:
-        """Records of a batch of items of one kind (choice or generation), in the items' order."""
+        """Records of a batch of items of one kind (choice or generation), in the items' order. The
+        heap's free holes go back to the system past a bound, so memory does not drift with the
+        number of batches (:func:`~svdecode_pl.utils.allocator.release_freed_memory`)."""
         if all(isinstance(item, ChoiceItem) for item in items):
-            return self.score(items)
-        if all(isinstance(item, GenerationItem) for item in items):
-            return self.judge(self.generate(items), device)
-        raise ValueError("a batch mixes items decoded by generation with items scored by log-likelihood")
+            records = self.score(items)
+        elif all(isinstance(item, GenerationItem) for item in items):
+            records = self.judge(self.generate(items), device)
+        else:
+            raise ValueError("a batch mixes items decoded by generation with items scored by log-likelihood")
+        release_freed_memory()
+        return records
 
     def score(self, items: list[ChoiceItem]) -> list[Record]:
         """Every answer of every item scored, plain and steered, in shared forward passes."""
