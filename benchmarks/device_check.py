@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -71,13 +72,19 @@ def build_model(path: Path, shape: dict, device: str) -> Path:
 
 
 def run_step(name: str, command: list[str], env: dict[str, str], timeout: float) -> dict:
-    """Run one step; its wall time, exit status and the tail of its output."""
+    """Run one step; its wall time, exit status and the tail of its output. A step that runs out of
+    time is killed with its whole process group: a test's own child (a DeepSpeed run) left behind
+    would hold the rendezvous port and hang the next step."""
     start = time.perf_counter()
+    child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
     try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        rc, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as error:
-        rc, output = 124, f"timed out after {timeout:.0f}s\n{error.stdout or ''}"
+        output, _ = child.communicate(timeout=timeout)
+        rc = child.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        output, _ = child.communicate()
+        rc, output = 124, f"timed out after {timeout:.0f}s\n{output or ''}"
     seconds = round(time.perf_counter() - start, 1)
     print(f"[{name}] rc {rc}, {seconds} s", flush=True)
     return {"rc": rc, "seconds": seconds, "output_tail": str(output)[-4000:]}
@@ -95,9 +102,9 @@ def steps(model_dir: Path, device: str, dry_run: bool) -> dict[str, list[str]]:
         "generation_batch_16": [*generation, "--batch", "16"],
         "truthfulqa_mc": [py, "benchmarks/truthfulqa_mc.py", "--model-dir", str(model_dir), "--device", device,
                           "--limit", limit, "--repeats", "1"],
-        # steering_extraction.py measures on the CPU (it has no --device): extraction vs one forward pass there
-        "extraction_cpu": [py, "benchmarks/steering_extraction.py", "--model-dir", str(model_dir), "--sizes", "4",
-                       "--naive-sizes", "--time-size", "4", "--seq-len", "64" if dry_run else "512",
+        # extraction against one forward pass of the adapted and the base model, on the device
+        "extraction": [py, "benchmarks/steering_extraction.py", "--model-dir", str(model_dir), "--device", device,
+                       "--sizes", "4", "--naive-sizes", "--time-size", "4", "--seq-len", "64" if dry_run else "512",
                        "--repeat", "1"],
     }
 
@@ -107,7 +114,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="every step on the CPU with tiny shapes")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs")) / "device_check.json")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "device_check")
-    parser.add_argument("--step-timeout", type=float, default=150.0, help="seconds per step")
+    parser.add_argument("--step-timeout", type=float, default=240.0, help="seconds per step")
     args = parser.parse_args()
     import torch
 

@@ -82,7 +82,7 @@ def figure(cells: dict[tuple[int, str], list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = sorted({mode for _, mode in cells})
+    modes = sorted({mode for _, mode in cells}, key=lambda mode: mode != "static")
     key = METRICS[0]
     fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False, sharey=True)
     for ax, mode in zip(axes[0], modes):
@@ -97,6 +97,7 @@ def figure(cells: dict[tuple[int, str], list[dict]], path: Path) -> None:
             ax.errorbar(lengths, means, yerr=sds, marker="o", capsize=3, label=name)
         ax.axhline(0.0, color="gray", linewidth=0.8)
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(lengths, [str(s) for s in lengths])
         ax.set_title(f"{mode} steering")
         ax.set_xlabel("warm-start steps")

@@ -1,13 +1,14 @@
 """Steering-vector extraction at the Qwen2.5 vocabulary size: time per token and peak memory.
 
     python benchmarks/steering_extraction.py [--hidden 256] [--layers 4] [--sizes 16 64]
-        [--naive-sizes 4 16] [--seq-len 256] [--batch 8] [--chunk-tokens 256]
+        [--naive-sizes 4 16] [--seq-len 256] [--batch 8] [--chunk-tokens 256] [--device cpu|cuda]
 
 A tiny Qwen2 (hidden 256, 4 layers by default) with 151,936 logits, as Qwen2.5 has, and a LoRA
 adapter with non-zero weights; random sequences of ``--seq-len`` tokens, every position a
 calibration token (the worst case for memory). Each measurement runs in a fresh process, after
 a warm-up batch, and reports the time per calibration token and the peak extra resident memory
-(the peak RSS above the RSS before the pass, from the kernel's high-water mark):
+(the peak RSS above the RSS before the pass, from the kernel's high-water mark; on ``--device cuda``
+the peak CUDA memory allocated above that before the pass, and times synchronised):
 
 - ``forward``: one plain forward pass of the adapted and one of the base model (full logits),
   the floor any extraction pays;
@@ -48,7 +49,7 @@ def build_model(directory: Path, hidden: int, layers: int) -> Path:
                             vocab_size=VOCAB)
 
 
-def load(model_dir: str):
+def load(model_dir: str, device: str = "cpu"):
     from peft import LoraConfig, get_peft_model
 
     from svdecode_pl.models.loading import load_causal_lm
@@ -56,10 +57,12 @@ def load(model_dir: str):
     model = load_causal_lm(model_dir)
     torch.manual_seed(0)
     config = LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
-    return get_peft_model(model, config).eval()
+    return get_peft_model(model, config).to(device).eval()
 
 
-def batches(n_sequences: int, seq_len: int, batch: int, vocab: int) -> list[dict[str, torch.Tensor]]:
+def batches(
+    n_sequences: int, seq_len: int, batch: int, vocab: int, device: str = "cpu"
+) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (n_sequences, seq_len), generator=generator)
     out = []
@@ -67,7 +70,8 @@ def batches(n_sequences: int, seq_len: int, batch: int, vocab: int) -> list[dict
         chunk = ids[start : start + batch]
         mask = torch.ones_like(chunk, dtype=torch.bool)
         mask[:, 0] = False  # the first token is context; every other position is a target
-        out.append({"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "target_mask": mask})
+        out.append({"input_ids": chunk.to(device), "attention_mask": torch.ones_like(chunk).to(device),
+                    "target_mask": mask.to(device)})
     return out
 
 
@@ -78,8 +82,32 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+def reset_peak(device: str) -> int:
+    """Start a peak measurement; returns the memory in use now (KiB)."""
+    if device == "cpu":
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return rss_kib("VmRSS")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() // 1024
+
+
+def peak_kib(device: str) -> int:
+    if device == "cpu":
+        return rss_kib("VmHWM")
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() // 1024
+
+
+def timed(fn, device: str) -> float:
+    """Seconds of ``fn()``, synchronised on a GPU."""
+    if device != "cpu":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -94,10 +122,11 @@ def run_forward(model, data: list[dict]) -> None:
 def run_ours(model, data: list[dict], chunk_tokens: int) -> dict:
     from svdecode_pl.steering.calibration import SteeringStatistics, accumulate_calibration
 
-    stats = SteeringStatistics("static", VOCAB)
+    device = next(model.parameters()).device
+    stats = SteeringStatistics("static", VOCAB).to(device)
     accumulate_calibration(stats, model, data, chunk_tokens=chunk_tokens)
     vector = stats.steering_vector()
-    return {"mu": vector.mu, "direction": vector.direction}
+    return {"mu": vector.mu, "direction": vector.direction.cpu()}
 
 
 @torch.no_grad()
@@ -114,21 +143,22 @@ def run_naive(model, data: list[dict]) -> dict:
         delta = p * v - p * (p * v).sum(-1, keepdim=True)  # (diag(p) - p p^T) v for every row
         targets = ids[:, 1:]
         predict = batch["target_mask"][:, 1:]
-        grad = torch.nn.functional.one_hot(targets, VOCAB).float() - p[:, :-1]
+        grad = torch.nn.functional.one_hot(targets, VOCAB).to(p.dtype) - p[:, :-1]
         directions.append(delta[:, :-1][predict])
         gradients.append(grad[predict])
     delta, grad = torch.cat(directions), torch.cat(gradients)
     direction = delta.double().mean(0)
     mu = float((grad.double() @ direction).sum() / (delta.shape[0] * (direction @ direction) + 1e-8))
-    return {"mu": mu, "direction": direction.float()}
+    return {"mu": mu, "direction": direction.float().cpu()}
 
 
 def measure(args: argparse.Namespace) -> None:
     """One measurement, in this (fresh) process; prints a JSON line."""
     torch.set_num_threads(args.threads)
-    model = load(args.model_dir)
-    data = batches(args.n, args.seq_len, args.batch, VOCAB)
-    warm = batches(args.batch, args.seq_len, args.batch, VOCAB)
+    device = args.device
+    model = load(args.model_dir, device)
+    data = batches(args.n, args.seq_len, args.batch, VOCAB, device)
+    warm = batches(args.batch, args.seq_len, args.batch, VOCAB, device)
     tokens = sum(int(b["target_mask"].sum()) for b in data)
     fn = {
         "forward": lambda d: run_forward(model, d),
@@ -136,26 +166,21 @@ def measure(args: argparse.Namespace) -> None:
         "naive": lambda d: run_naive(model, d),
     }[args.variant]
     fn(warm)  # warm-up: allocator, kernels
-    reset_peak()
-    before = rss_kib("VmRSS")
-    start = time.perf_counter()
-    result = fn(data)
-    seconds = time.perf_counter() - start
-    peak = rss_kib("VmHWM")
-    out = {"variant": args.variant, "n": args.n, "tokens": tokens, "peak_extra_mb": (peak - before) / 1024}
+    before = reset_peak(device)
+    result = {}
+    seconds = timed(lambda: result.update(fn(data) or {}), device)
+    peak = peak_kib(device)
+    out = {"variant": args.variant, "n": args.n, "tokens": tokens, "peak_extra_mb": (peak - before) / 1024,
+           "device": device}
     if args.repeat:  # timing: this machine is shared, so the variant and the forward floor
         # alternate in this one process and the fastest pass of each counts
         floor = []
         for _ in range(args.repeat):
-            start = time.perf_counter()
-            run_forward(model, data)
-            floor.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            fn(data)
-            seconds = min(seconds, time.perf_counter() - start)
+            floor.append(timed(lambda: run_forward(model, data), device))
+            seconds = min(seconds, timed(lambda: fn(data), device))
         out["forward_us_per_token"] = 1e6 * min(floor) / tokens
     out.update(seconds=seconds, us_per_token=1e6 * seconds / tokens)
-    if result is not None:
+    if result:
         torch.save(result, args.result)
     print(json.dumps(out))
 
@@ -163,7 +188,8 @@ def measure(args: argparse.Namespace) -> None:
 def spawn(args: argparse.Namespace, variant: str, n: int, result: Path, repeat: int = 0) -> dict:
     command = [sys.executable, __file__, "--measure", variant, "--n", str(n), "--model-dir", args.model_dir,
                "--result", str(result), "--seq-len", str(args.seq_len), "--batch", str(args.batch),
-               "--chunk-tokens", str(args.chunk_tokens), "--threads", str(args.threads), "--repeat", str(repeat)]
+               "--chunk-tokens", str(args.chunk_tokens), "--threads", str(args.threads), "--repeat", str(repeat),
+               "--device", args.device]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{variant} at {n} sequences failed:\n{done.stderr[-3000:]}")
@@ -183,6 +209,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeat", type=int, default=3, help="timed passes of ours and the forward floor")
     parser.add_argument("--model-dir")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak = CUDA memory allocated there)")
     parser.add_argument("--measure", choices=["forward", "ours", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -202,14 +229,14 @@ def main() -> None:
         for variant, n in plan:
             path = tmp / f"{variant}-{n}.pt"
             runs[variant, n] = spawn(args, variant, n, path)
-            results[variant, n] = torch.load(path)
+            results[variant, n] = torch.load(path) if path.exists() else {}
             print(f"  {variant:<6} {n:>4} sequences: peak extra {runs[variant, n]['peak_extra_mb']:8.1f} MB, "
                   f"{runs[variant, n]['us_per_token']:8.1f} us/token (one pass)", flush=True)
         timed = spawn(args, "ours", args.time_size, tmp / "timed.pt", repeat=args.repeat)
 
     print(f"\nSteering extraction, V={VOCAB:,}, tiny Qwen2 hidden {args.hidden} x {args.layers} layers + LoRA, "
           f"{args.seq_len}-token sequences, batch {args.batch}, chunk {args.chunk_tokens} tokens, "
-          f"{args.threads} threads")
+          f"{args.threads} threads, {args.device}")
     print(f"{'variant':<10}{'sequences':>10}{'tokens':>9}{'peak extra MB':>15}{'us/token, 1 pass':>18}")
     for (variant, n), run in runs.items():
         print(f"{variant:<10}{n:>10}{run['tokens']:>9}{run['peak_extra_mb']:>15.1f}{run['us_per_token']:>18.1f}")
