@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,17 +156,24 @@ def read_csv(path: Path) -> list[MCQuestion]:
     return questions
 
 
-def read_mc_file(path: str | Path) -> list[MCQuestion]:
-    """Read TruthfulQA MC questions from a local file, choosing the reader by suffix."""
+def read_by_suffix(path: str | Path, from_csv: Callable[[Path], list], from_json: Callable[[Path], list]) -> list:
+    """The records of a local ``.csv`` or ``.json``/``.jsonl`` file, read by the reader its suffix
+    names; a missing file, another suffix or no record is the user's mistake, said the same way
+    for every task."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".csv":
-        questions = read_csv(path)
+        records = from_csv(path)
     elif path.suffix in (".json", ".jsonl"):
-        questions = read_json(path)
+        records = from_json(path)
     else:
         raise DataFormatError(f"{path}: unknown format (expected .json, .jsonl or .csv)")
-    if not questions:
+    if not records:
         raise DataFormatError(f"{path}: file has no records")
-    return questions
+    return records
+
+
+def read_mc_file(path: str | Path) -> list[MCQuestion]:
+    """Read TruthfulQA MC questions from a local file, choosing the reader by suffix."""
+    return read_by_suffix(path, read_csv, read_json)

@@ -21,7 +21,7 @@ from svdecode_pl.evaluation.items import GenerationItem
 from svdecode_pl.evaluation.judges import JudgeSettings
 from svdecode_pl.metrics.text import TRUTHFULQA_GEN_KEYS, split_answer_cell, truthfulqa_gen_references
 from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule, seeded_splits
-from svdecode_pl.tasks.readers import read_csv_rows, read_json_rows
+from svdecode_pl.tasks.readers import read_by_suffix, read_csv_rows, read_json_rows
 from svdecode_pl.utils.errors import DataFormatError, OptionError
 
 
@@ -79,17 +79,7 @@ def parse_generation_record(raw: Any, source: str, index: int) -> GenerationQues
 
 def read_generation_file(path: str | Path) -> list[GenerationQuestion]:
     """TruthfulQA generation questions from ``TruthfulQA.csv`` or a JSON/JSONL file of the hub's form."""
-    path = Path(path)
-    if path.suffix == ".csv":
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
-        rows = read_csv_rows(path)[1]
-    elif path.suffix in (".json", ".jsonl"):
-        rows = read_json_rows(path)
-    else:
-        raise DataFormatError(f"{path}: unknown format (expected .csv, .json or .jsonl)")
-    if not rows:
-        raise DataFormatError(f"{path}: file has no records")
+    rows = read_by_suffix(path, lambda csv: read_csv_rows(csv)[1], read_json_rows)
     return [parse_generation_record(row, str(path), index) for index, row in enumerate(rows)]
 
 
