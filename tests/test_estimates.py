@@ -7,9 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from svdecode_pl.cli.entry import run_cli
+from svdecode_pl.evaluation import evaluator
+from svdecode_pl.evaluation.items import GenerationItem
+from svdecode_pl.evaluation.settings import EvaluationSettings
 from svdecode_pl.steering.estimates import ESTIMATES, best_on_curve, chosen_strength
+from svdecode_pl.steering.vector import SteeringVector
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +41,29 @@ def _run(tmp_path: Path, *extra: str) -> dict:
     run_cli(["fit", *common, "--trainer.max_steps", "3"])
     run_cli(["test", *common, "--model.adapter_path", str(tmp_path / "adapter")])
     return json.loads((tmp_path / "results.json").read_text())
+
+
+def test_each_strength_is_scored_once(monkeypatch):
+    """An estimate on the curve (validation_best always is) or equal to another shares its column,
+    and a generation task decodes each distinct strength once, the steered one included."""
+    settings = EvaluationSettings()
+    estimates = {"mu_star": -0.4, "mu_star_heldout": -0.4, "validation_best": -10.0}
+    settings.use_steering(SteeringVector(torch.ones(4), -10.0), [-10.0, 0.0, 10.0], estimates)
+    assert settings.steering.grid == [-10.0, 0.0, 10.0, -0.4]
+    assert settings.steering.estimate_columns() == {"mu_star": 3, "mu_star_heldout": 3, "validation_best": 0}
+
+    decoded = []
+
+    def generate_texts(model, tokenizer, prompts, generation, vector=None):
+        decoded.append(None if vector is None else vector.mu)
+        return ["text"] * len(prompts)
+
+    monkeypatch.setattr(evaluator, "generate_texts", generate_texts)
+    monkeypatch.setattr(evaluator, "generation_record", lambda item, texts, grid: grid)
+    items = [GenerationItem(uid=i, id=str(i), context_ids=[1, 2]) for i in range(2)]
+    grids = evaluator.Evaluator(None, object(), settings).generate(items)
+    assert sorted(decoded, key=str) == sorted([None, -10.0, 0.0, 10.0, -0.4], key=str)  # plain, steered, 3 more
+    assert [len(grid) for grid in grids] == [4, 4]
 
 
 def test_every_estimate_is_recorded_with_its_test_metrics(tmp_path):

@@ -100,8 +100,9 @@ class Evaluator:
                 texts[variant] = generate_texts(self.model, self.tokenizer, prompts, settings, vector)
         grid = self.settings.steering.grid
         grid_texts = None
-        if grid:  # each strength is a decoding of its own
-            grid_texts = [generate_texts(self.model, self.tokenizer, prompts, settings, self.steering.with_mu(mu))
+        if grid:  # each strength is a decoding of its own; the steered one is already decoded
+            grid_texts = [texts["steered"] if mu == self.steering.mu else
+                          generate_texts(self.model, self.tokenizer, prompts, settings, self.steering.with_mu(mu))
                           for mu in grid]
         return [
             generation_record(item, {v: None if t is None else t[i] for v, t in texts.items()},

@@ -40,10 +40,17 @@ class SteeringSettings:
 
     @property
     def grid(self) -> list[float] | None:
-        """Every strength scored besides plain and steered: the mu grid, then the estimates (when
-        there is a vector to scale)."""
-        strengths = list(self.mu_grid or []) + list(self.estimates.values())
+        """Every strength scored besides plain and steered: the mu grid, then the estimates that are
+        not on it (when there is a vector to scale). Each strength is scored once: a decoding of
+        every item for generation tasks."""
+        curve = list(self.mu_grid or [])
+        strengths = curve + [mu for mu in dict.fromkeys(self.estimates.values()) if mu not in curve]
         return strengths if self.vector is not None and strengths else None
+
+    def estimate_columns(self) -> dict[str, int]:
+        """Each named strength's index in :attr:`grid` (the curve's own when its value is on the curve)."""
+        grid = self.grid or []
+        return {name: grid.index(mu) for name, mu in self.estimates.items()}
 
     @property
     def curve_size(self) -> int:

@@ -275,7 +275,7 @@ class SVDecodeModule(LightningModule):
             names, columns = datamodule.metric_names, table.columns
             if steering.curve_size:
                 curve = mu_curve(names, columns, values, steering.grid[: steering.curve_size], self.steering_vector)
-            estimates = estimate_metrics(names, columns, values, steering.grid, steering.curve_size, steering.estimates)
+            estimates = estimate_metrics(names, columns, values, steering.estimates, steering.estimate_columns())
         payload = results_payload(datamodule.task_name, int(ids.numel()), self.steering_vector, metrics, self.trainer,
                                   per_group=per_group, model=self.model_summary(), mu_curve=curve,
                                   estimates=estimates)

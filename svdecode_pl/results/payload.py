@@ -57,13 +57,13 @@ def mu_curve(
 
 
 def estimate_metrics(
-    names: list[str], columns: list[str], values: torch.Tensor, grid: list[float], offset: int,
-    estimates: dict[str, float],
+    names: list[str], columns: list[str], values: torch.Tensor, estimates: dict[str, float],
+    grid_columns: dict[str, int],
 ) -> dict[str, dict[str, Any]]:
-    """The test metrics at each named strength, scored after the curve's ``offset`` grid columns."""
+    """The test metrics at each named strength, read from its grid column (``grid_columns``)."""
     means = _column_means(columns, values)
-    return {name: {"mu": mu, "metrics": {m: means.get(f"{m}/mu{offset + i}") for m in names}}
-            for i, (name, mu) in enumerate(estimates.items())}
+    return {name: {"mu": mu, "metrics": {m: means.get(f"{m}/mu{grid_columns[name]}") for m in names}}
+            for name, mu in estimates.items()}
 
 
 def results_payload(
