@@ -115,8 +115,8 @@ def test_every_strategy_fits_tests_and_predicts(device, tmp_path) -> None:
     """`svdecode fit` + `test` + `predict` on one device, static and dynamic, with no strategy, DDP
     (``ddp`` with one device: an NCCL group of one on a GPU, whose gathers refuse CPU tensors),
     DeepSpeed ZeRO-2 and ZeRO-3: the vector was extracted on the device (its metadata), written
-    once into the run and the adapter, and `test` and `predict` read it. The four strategies run as
-    four processes at once (each: fit, test, predict for both modes), to fit the device check's time."""
+    once into the run and the adapter, and `test` and `predict` read it. The four strategies' runs go
+    on at once (each its six commands in turn), to fit the device check's time."""
     pytest.importorskip("deepspeed")
     from svdecode_pl.models.loading import resolve_name_or_path
     from svdecode_pl.steering.vector import SteeringVector
@@ -126,12 +126,12 @@ def test_every_strategy_fits_tests_and_predicts(device, tmp_path) -> None:
     if device.type != "cuda":
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     runs = {}
-    for index, name in enumerate(STRATEGIES[device.type]):
+    for name in STRATEGIES[device.type]:
         log = (tmp_path / f"{name}.log").open("w")
         command = [sys.executable, str(ROOT / "tests" / "scripts" / "gpu_pipeline.py"), str(tmp_path / name),
                    device.type, *_strategy_args(device, name)]
         runs[name] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                      env={**env, "MASTER_PORT": str(29_620 + index)})
+                                      env=env)
     failed = {}
     for name, process in runs.items():
         try:

@@ -1,21 +1,28 @@
-"""TEST HELPER: ``svdecode fit``, ``test`` and ``predict`` in one process, for each steering mode, under
-one strategy (``tests/test_gpu.py``): one process start per strategy instead of six.
+"""TEST HELPER: ``svdecode fit``, ``test`` and ``predict`` one after the other, for each steering mode,
+under one strategy (``tests/test_gpu.py`` runs one of these per strategy, at once). Each command is its
+own process, as a user runs them (a second ``deepspeed.zero.Init`` in one process breaks modules that
+transformers' hub-kernel decorators wrap).
 
     python tests/scripts/gpu_pipeline.py RUN_DIR DEVICE [--config STRATEGY.yaml ...]
 
 ``RUN_DIR/<mode>`` gets the run's adapter, vector, results.json and predictions.jsonl. DEVICE is
-``cuda`` (one GPU) or ``cpu`` (the device check's dry run).
+``cuda`` (one GPU) or ``cpu`` (the device check's dry run). Exits with the first failing command's status.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
-from svdecode_pl.cli.entry import run_cli  # noqa: E402
+
+def run_cli(args: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "svdecode_pl.cli", *args], cwd=ROOT)
+    if done.returncode != 0:
+        print(f"failed ({done.returncode}): svdecode {' '.join(args)}", flush=True)
+        sys.exit(done.returncode)
 
 #: 24 generated questions: 12 warm-start, 6 validation (held-out mu* and the curve), 6 test
 DATA = ["--data.synthetic_questions", "24", "--data.train_fraction", "0.5", "--data.val_fraction", "0.25",
