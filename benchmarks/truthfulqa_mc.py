@@ -280,7 +280,12 @@ def main() -> None:
                                    Path(tmp) / f"baseline-{name}", root=args.baseline_tree.resolve())
                     baseline = run if baseline is None or run["seconds"] < baseline["seconds"] else baseline
                 if has_lm_eval:
-                    ref = run_lm_eval(args.lm_eval_python, model_dir, args.data, args.limit, args.device)
+                    try:
+                        ref = run_lm_eval(args.lm_eval_python, model_dir, args.data, args.limit, args.device)
+                    except RuntimeError as err:  # ours is still reported (e.g. a carried wheel that does not import)
+                        print(err, file=sys.stderr)
+                        has_lm_eval = False
+                        continue
                     reference = ref if reference is None or ref["process_seconds"] < reference["process_seconds"] \
                         else reference
             prof = profile_ours(model_dir, args.data, args.limit, args.device, args.score_batch_tokens or 0)
