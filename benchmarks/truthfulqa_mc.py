@@ -262,7 +262,7 @@ def main() -> None:
     has_lm_eval = Path(args.lm_eval_python).exists()
     if not has_lm_eval:
         print(f"(no lm-eval environment at {args.lm_eval_python}: see benchmarks/lm_eval_reference.py)")
-    summary = []
+    summary, lm_eval_failed = [], False
     with tempfile.TemporaryDirectory() as tmp:
         models = {"model": args.model_dir} if args.model_dir else {}
         for arch in [] if args.model_dir else args.arch:
@@ -284,7 +284,7 @@ def main() -> None:
                         ref = run_lm_eval(args.lm_eval_python, model_dir, args.data, args.limit, args.device)
                     except RuntimeError as err:  # ours is still reported (e.g. a carried wheel that does not import)
                         print(err, file=sys.stderr)
-                        has_lm_eval = False
+                        has_lm_eval, lm_eval_failed = False, True
                         continue
                     reference = ref if reference is None or ref["process_seconds"] < reference["process_seconds"] \
                         else reference
@@ -324,6 +324,8 @@ def main() -> None:
     if summary:
         print("\nsummary: " + "; ".join(f"{name} {ratio:.2f}x (MC1 identical {same}, MC2 diff {diff:.1e})"
                                         for name, ratio, same, diff in summary))
+    if lm_eval_failed:
+        sys.exit("lm-eval failed (its error is above): ours only")
 
 
 if __name__ == "__main__":
