@@ -16,8 +16,9 @@ every variant does the same work; EOS still stops a row), through
 - ``static``: ``generate`` with the steering processor (one vector added per step);
 - ``dynamic``: our loop, adapted and base model once per step, each with its own KV cache.
 
-The variants alternate batch by batch, ``--repeat`` times; each batch counts its fastest pass
-(the machine is shared).
+Every variant first runs once on the first batch (warm-up, not timed); then the variants alternate
+batch by batch, ``--repeat`` times, each batch counting its fastest pass (the machine is shared);
+on a GPU each pass is timed between two ``torch.cuda.synchronize()``.
 Tokens/s = generated tokens (up to EOS) / seconds. Goals: static >= 0.95x plain, dynamic >= 0.45x.
 
 With ``--lm-eval-python`` (the python of an lm-eval venv), it first checks parity with
@@ -186,7 +187,8 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - wall, time.process_time() - cpu, sum(map(len, ids))
 
-    run("plain", batches[0])  # warm-up
+    for name in variants:  # every variant warms up (kernels, caches, the processor) before any is timed
+        run(name, batches[0])
     # variants alternate batch by batch (the machine is shared): each batch counts its fastest pass
     inf = float("inf")
     fastest = {name: [[inf, inf, 0] for _ in batches] for name in variants}

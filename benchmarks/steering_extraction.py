@@ -2,6 +2,7 @@
 
     python benchmarks/steering_extraction.py [--hidden 256] [--layers 4] [--sizes 16 64]
         [--naive-sizes 4 16] [--seq-len 256] [--batch 8] [--chunk-tokens 256] [--device cpu|cuda]
+        [--dtype float32|bfloat16]
 
 A tiny Qwen2 (hidden 256, 4 layers by default) with 151,936 logits, as Qwen2.5 has, and a LoRA
 adapter with non-zero weights; random sequences of ``--seq-len`` tokens, every position a
@@ -48,12 +49,12 @@ def build_model(directory: Path, hidden: int, layers: int) -> Path:
                             vocab_size=VOCAB)
 
 
-def load(model_dir: str, device: str = "cpu"):
+def load(model_dir: str, device: str = "cpu", dtype: str = "float32"):
     from peft import LoraConfig, get_peft_model
 
     from svdecode_pl.models.loading import load_causal_lm
 
-    model = load_causal_lm(model_dir)
+    model = load_causal_lm(model_dir, dtype)
     torch.manual_seed(0)
     config = LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
     return get_peft_model(model, config).to(device).eval()
@@ -151,7 +152,7 @@ def measure(args: argparse.Namespace) -> None:
     """One measurement, in this (fresh) process; prints a JSON line."""
     torch.set_num_threads(args.threads)
     device = args.device
-    model = load(args.model_dir, device)
+    model = load(args.model_dir, device, args.dtype)
     data = batches(args.n, args.seq_len, args.batch, VOCAB, device)
     warm = batches(args.batch, args.seq_len, args.batch, VOCAB, device)
     tokens = sum(int(b["target_mask"].sum()) for b in data)
@@ -184,7 +185,7 @@ def spawn(args: argparse.Namespace, variant: str, n: int, result: Path, repeat: 
     command = [sys.executable, __file__, "--measure", variant, "--n", str(n), "--model-dir", args.model_dir,
                "--result", str(result), "--seq-len", str(args.seq_len), "--batch", str(args.batch),
                "--chunk-tokens", str(args.chunk_tokens), "--threads", str(args.threads), "--repeat", str(repeat),
-               "--device", args.device]
+               "--device", args.device, "--dtype", args.dtype]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{variant} at {n} sequences failed:\n{done.stderr[-3000:]}")
@@ -205,6 +206,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed passes of ours and the forward floor")
     parser.add_argument("--model-dir")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (peak = CUDA memory allocated there)")
+    parser.add_argument("--dtype", default="float32", help="the model's weights (bfloat16 on a GPU); sums stay float64")
     parser.add_argument("--measure", choices=["forward", "ours", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)

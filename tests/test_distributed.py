@@ -34,11 +34,11 @@ STRATEGIES = {
 DATA = ["--data.synthetic_questions", "26", "--data.batch_size", "4", "--data.eval_batch_size", "3",
         "--data.train_fraction", "0.5", "--data.val_fraction", "0"]
 
-def cli(run_dir: Path, *args: str, devices: int = 1, timeout: int = 400, wait: bool = True):
+def cli(run_dir: Path, *args: str, devices: int = 1, timeout: int = 400, wait: bool = True, data: list[str] = DATA):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
     env["OMP_NUM_THREADS"] = "1" if devices > 1 else env.get("OMP_NUM_THREADS", "2")
     command = [
-        sys.executable, "-m", "svdecode_pl.cli", args[0], "--config", QUICKSTART, *args[1:], *DATA,
+        sys.executable, "-m", "svdecode_pl.cli", args[0], "--config", QUICKSTART, *args[1:], *data,
         "--trainer.default_root_dir", str(run_dir), "--trainer.accelerator", "cpu",
         "--trainer.devices", str(devices), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
@@ -71,16 +71,41 @@ def assert_same_vector(a: SteeringVector, b: SteeringVector, rtol: float) -> Non
     assert b.mu == pytest.approx(a.mu, rel=rtol)
 
 
+#: extraction only (max_steps 0) from the warm-started adapter, with a validation split (held-out mu*
+#: and the validation curve run too) and a confidence filter (its filtered share is gathered too)
+EXTRACT_DATA = [*DATA, "--data.val_fraction", "0.25"]
+
+
+def extract(run_dir: Path, adapter: Path, *args: str, devices: int = 1) -> SteeringVector:
+    cli(run_dir, "fit", "--model.adapter_path", str(adapter), "--trainer.max_steps", "0",
+        "--steering.confidence_threshold", "0.001", *args, devices=devices, data=EXTRACT_DATA)
+    return SteeringVector.load(run_dir / "steering")
+
+
+@pytest.fixture(scope="module")
+def one_process_vector(tmp_path_factory, adapter) -> SteeringVector:
+    return extract(tmp_path_factory.mktemp("one"), adapter)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
-def test_steering_vector_same_on_one_and_two_processes(tmp_path, adapter, strategy):
-    """Extraction only (max_steps 0) from the same adapter: the reduced sums are the same."""
-    extract = ["fit", "--model.adapter_path", str(adapter), "--trainer.max_steps", "0"]
-    cli(tmp_path / "one", *extract)
-    cli(tmp_path / "two", *extract, *STRATEGIES[strategy], devices=2)
-    one, two = SteeringVector.load(tmp_path / "one" / "steering"), SteeringVector.load(tmp_path / "two" / "steering")
-    assert one.metadata["token_count"] > 0
-    assert_same_vector(one, two, rtol=1e-5)
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+def test_steering_vector_same_on_one_and_two_processes(tmp_path, adapter, one_process_vector, strategy):
+    """Extraction on 2 processes from the same adapter: one vector, written once (``steering/`` and
+    inside the adapter), the same as one process's to 1e-6 (float64 sums of per-token float32 terms;
+    the processes' batches are padded differently), its metadata naming the device and the processes
+    of the pass."""
+    one, two = one_process_vector, extract(tmp_path / "two", adapter, *STRATEGIES[strategy], devices=2)
+    assert one.metadata["token_count"] > 0 and 0 < one.metadata["filtered_share"] < 1
+    assert_same_vector(one, two, rtol=1e-6)
+    for key in ("mu_star", "filtered_share"):
+        assert two.metadata[key] == pytest.approx(one.metadata[key], rel=1e-6, abs=1e-12), key
+    for name, value in one.metadata["estimates"].items():
+        assert value is not None and two.metadata["estimates"][name] == pytest.approx(value, rel=1e-6), name
+    extraction = {run.metadata["extraction"]["processes"]: run.metadata["extraction"]["device"] for run in (one, two)}
+    assert set(extraction) == {1, 2} and all(device.startswith("cpu") for device in extraction.values())
+    shared = SteeringVector.load(tmp_path / "two" / "adapter" / "steering")
+    assert torch.equal(shared.direction, two.direction) and shared.metadata == two.metadata
+    assert not [p for p in (tmp_path / "two").rglob("*") if ".tmp" in p.name or ".part" in p.name]
 
 
 @pytest.mark.slow

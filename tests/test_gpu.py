@@ -1,4 +1,4 @@
-"""Checks that need an accelerator (issue 21, item 4): marked ``gpu``, skipped without CUDA.
+"""Checks that need an accelerator (issues 21 and 25): marked ``gpu``, skipped without CUDA.
 
 ``SVDECODE_TEST_DEVICE=cpu`` runs them on the CPU instead: ``benchmarks/device_check.py --dry-run``
 uses it to check the script's own steps where no GPU is lent.
@@ -6,6 +6,7 @@ uses it to check the script's own steps where no GPU is lent.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -96,19 +97,63 @@ def test_steered_generation_runs_and_differs_from_plain(device, mode) -> None:
         assert batched != plain
 
 
-def test_deepspeed_zero2_warm_start(device, tmp_path) -> None:
-    """`svdecode fit` under DeepSpeed ZeRO-2 on one device: trains, writes the adapter and the vector."""
+#: the strategies a user's run on one GPU would use; on the CPU (the dry run) their CPU stand-ins
+STRATEGIES = {
+    "cuda": {"none": [], "ddp": ["--config", "ddp.yaml"], "zero2": ["--config", "deepspeed_zero2.yaml"],
+             "zero3": ["--config", "deepspeed_zero3.yaml"]},
+    "cpu": {"none": [], "ddp": ["--trainer.strategy", "ddp"], "zero2": ["--config", "deepspeed_zero2_cpu.yaml"],
+            "zero3": ["--config", "deepspeed_zero3_cpu.yaml"]},
+}
+
+
+def _strategy_args(device: torch.device, name: str) -> list[str]:
+    args = STRATEGIES[device.type][name]
+    return [str(ROOT / "configs" / "strategy" / a) if a.endswith(".yaml") else a for a in args]
+
+
+def test_every_strategy_fits_tests_and_predicts(device, tmp_path) -> None:
+    """`svdecode fit` + `test` + `predict` on one device, static and dynamic, with no strategy, DDP
+    (``ddp`` with one device: an NCCL group of one on a GPU, whose gathers refuse CPU tensors),
+    DeepSpeed ZeRO-2 and ZeRO-3: the vector was extracted on the device (its metadata), written
+    once into the run and the adapter, and `test` and `predict` read it. The four strategies' runs go
+    on at once (each its six commands in turn), to fit the device check's time."""
     pytest.importorskip("deepspeed")
-    strategy = "deepspeed_zero2.yaml" if device.type == "cuda" else "deepspeed_zero2_cpu.yaml"
+    from svdecode_pl.models.loading import resolve_name_or_path
+    from svdecode_pl.steering.vector import SteeringVector
+
+    resolve_name_or_path("svdecode-tiny")  # built once here, not by four processes at once
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if device.type != "cuda":
-        env["DS_ACCELERATOR"] = "cpu"
-    command = [sys.executable, "-c", "from svdecode_pl.cli import main; main()", "fit",
-               "--config", str(ROOT / "configs" / "quickstart.yaml"),
-               "--config", str(ROOT / "configs" / "strategy" / strategy),
-               "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "3",
-               "--trainer.enable_progress_bar", "false", "--data.synthetic_questions", "16"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
-    assert any((tmp_path / "steering").iterdir())
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    runs = {}
+    for name in STRATEGIES[device.type]:
+        log = (tmp_path / f"{name}.log").open("w")
+        command = [sys.executable, str(ROOT / "tests" / "scripts" / "gpu_pipeline.py"), str(tmp_path / name),
+                   device.type, *_strategy_args(device, name)]
+        runs[name] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                      env=env)
+    failed = {}
+    for name, process in runs.items():
+        try:
+            process.wait(timeout=500)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+        if process.returncode != 0:
+            failed[name] = (tmp_path / f"{name}.log").read_text()[-3000:]
+    assert not failed, "\n\n".join(f"== {name} (exit {runs[name].returncode}):\n{tail}"
+                                    for name, tail in failed.items())
+    for name in runs:
+        for mode in ("static", "dynamic"):
+            root = tmp_path / name / mode
+            vector = SteeringVector.load(root / "steering")
+            extraction = vector.metadata["extraction"]
+            assert extraction["device"].startswith(device.type), (name, mode, extraction)
+            assert extraction["calibration_seconds"] > 0 and extraction["processes"] == 1
+            shared = SteeringVector.load(root / "adapter" / "steering")
+            assert shared.metadata == vector.metadata and shared.mode == vector.mode == mode
+            results = json.loads((root / "results.json").read_text())
+            assert results["steering"]["mode"] == mode and results["steering"]["mu_star"] == vector.metadata["mu_star"]
+            assert results["metrics"]["mc2"]["steered"] is not None, (name, mode)
+            records = [json.loads(line) for line in (root / "predictions.jsonl").read_text().splitlines()]
+            assert len(records) == 6 and all(len(r["scores"]["steered"]) == len(r["answers"]) for r in records)

@@ -23,6 +23,7 @@ from svdecode_pl.models.adapters import initialize_adapter, load_checked_adapter
 from svdecode_pl.models.heads import hf_model, output_vocab_size, target_hidden_states
 from svdecode_pl.models.loading import DType, load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from svdecode_pl.models.zero import hf_zero3_loading
+from svdecode_pl.recipes.host import SteeringHost
 from svdecode_pl.recipes.optimizer import OptimizerName, build_optimizer
 from svdecode_pl.results.payload import (
     estimate_metrics,
@@ -32,7 +33,6 @@ from svdecode_pl.results.payload import (
     table_metrics,
     write_results,
 )
-from svdecode_pl.steering.artifact import save_artifact
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.errors import OptionError
 from svdecode_pl.utils.seeding import run_seed
@@ -41,9 +41,11 @@ from svdecode_pl.utils.seeding import run_seed
 class SVDecodeModule(LightningModule):
     """A causal LM with an optional PEFT adapter.
 
-    ``fit`` trains the adapter with the causal LM loss on the answer tokens only. ``test``
-    scores every question plain and steered (when a steering vector is attached, by
-    :class:`~svdecode_pl.callbacks.SteeringVectorCallback`) and writes ``results.json``;
+    ``fit`` trains the adapter with the causal LM loss on the answer tokens only; at its end the
+    :class:`~svdecode_pl.callbacks.SteeringVectorCallback` (which ``svdecode`` always adds; a Trainer
+    built by hand needs it, ``enabled=False`` for the adapter alone) extracts the vector on the
+    training device and writes the adapter and the vector, through :meth:`steering_host`. ``test``
+    scores every question plain and steered (when a vector is attached) and writes ``results.json``;
     ``predict`` returns per-question records.
     """
 
@@ -163,6 +165,15 @@ class SVDecodeModule(LightningModule):
         every process calls this (collective under ZeRO-3), the first one writes."""
         save_adapter(self.model, directory, self._trainer, self.tokenizer)
 
+    def steering_host(self) -> SteeringHost:
+        """What the steering callback may use at the fit end (and at test/predict start): the model on
+        the device it trained on, its vocabulary and tokenizer, the evaluation settings (unset options
+        chosen for that device first), the vector's metadata and the adapter's writer. The callback
+        writes the run's adapter and vector through it, once (``<root>/adapter``)."""
+        self._choose_defaults()
+        return SteeringHost(self.model, self.vocab_size, self.device, self.tokenizer, self.evaluation,
+                            self.steering_metadata(), self.save_adapter)
+
     # -- warm-start -----------------------------------------------------------------------
 
     def answer_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -188,14 +199,6 @@ class SVDecodeModule(LightningModule):
             raise OptionError("nothing to train: the model has no adapter (set --model.peft, e.g. peft.LoraConfig)")
         hp = self.hparams
         return build_optimizer(params, hp.optimizer, hp.learning_rate, hp.weight_decay, self._trainer)
-
-    def on_fit_end(self) -> None:
-        adapter = Path(self.trainer.default_root_dir) / "adapter"
-        self.save_adapter(adapter)
-        # runs after the steering callback's on_fit_end: the vector goes into the adapter directory
-        # too, as one shareable artifact (steering/ + custom_generate/; <root>/steering stays)
-        if self.steering_vector is not None and self.trainer.is_global_zero and adapter.is_dir():
-            save_artifact(None, self.steering_vector, adapter)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}

@@ -54,7 +54,8 @@ class SteeringStatistics(Metric):
             setattr(self, name, getattr(self, name) + value.to(self.device))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        states = {"count": self.count, "numerator": self.numerator, "denominator": self.denominator}
+        states = {"count": self.count, "filtered": self.filtered, "numerator": self.numerator,
+                  "denominator": self.denominator}
         if self.mode == "static":
             states.update(direction_sum=self.direction_sum, gradient_sum=self.gradient_sum)
         return states
@@ -62,10 +63,12 @@ class SteeringStatistics(Metric):
     def steering_vector(
         self, eps: float = 1e-8, mu: float | None = None, mu_scale: float = 1.0, metadata: dict | None = None
     ) -> SteeringVector:
-        """The steering vector of all tokens seen on all processes; ``mu`` overrides mu*."""
+        """The steering vector of all tokens seen on all processes; ``mu`` overrides mu*. Every sum
+        comes from :meth:`compute` (gathered over the processes on the states' device; outside it the
+        states hold this process's own sums)."""
         states = self.compute()
         metadata = dict(metadata or {})
-        metadata["filtered_share"] = float(self.filtered) / max(float(states["count"]) * self.vocab_size, 1.0)
+        metadata["filtered_share"] = float(states["filtered"]) / max(float(states["count"]) * self.vocab_size, 1.0)
         return steering_vector_from_sums(
             mode=self.mode,
             count=states["count"],

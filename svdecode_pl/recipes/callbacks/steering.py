@@ -1,7 +1,11 @@
-"""Extract the steering vector at the end of warm-start; attach it for test and predict."""
+"""Extract the steering vector at the end of warm-start, on the training device; attach it for test
+and predict."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -11,16 +15,27 @@ from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
 from svdecode_pl.recipes.callbacks.estimates import calibrate, heldout_mu_star, validation_best
+from svdecode_pl.recipes.host import SteeringHost
+from svdecode_pl.steering.artifact import save_artifact
 from svdecode_pl.steering.calibration import SteeringStatistics
 from svdecode_pl.steering.estimates import DEFAULT_ESTIMATE, FILTER_THRESHOLD, EstimateName, chosen_strength
 from svdecode_pl.steering.vector import SteeringMode, SteeringVector
 
 
 class SteeringVectorCallback(Callback):
-    """At ``fit`` end: one pass over the calibration data with the adapter on and off, the
-    steering direction, its confidence filter and mu*, saved as an artifact next to the
-    checkpoints (``<dirpath>/steering``). At ``test``/``predict`` start: load that artifact
-    (if the module has no vector yet) and check it matches the model's vocabulary and tokenizer.
+    """At ``fit`` end, on the device the model trained on: one pass over the calibration data with
+    the adapter on and off, the steering direction, its confidence filter, mu* and the other
+    strength estimates; then the run's artifacts, written here once: the adapter
+    (``<default_root_dir>/adapter``, also with ``enabled=False``) and the vector
+    (``<dirpath>/steering``, and inside the adapter directory). At ``test``/``predict`` start: load
+    that vector (if the module has no vector yet) and check it matches the model's vocabulary and
+    tokenizer.
+
+    Lightning calls ``on_fit_end`` after the strategy's teardown, which moves the module to the CPU
+    (and under DeepSpeed may release what it holds); ``on_train_end`` comes before it, but not when
+    the fit loop has nothing to train (``max_steps 0``, a run resumed from its last step). So the fit
+    end runs right after the fit loop returns, trained or not, while the process group is alive
+    (:func:`after_fit_loop`); ``on_fit_end`` only checks that it did.
     """
 
     def __init__(
@@ -87,23 +102,29 @@ class SteeringVectorCallback(Callback):
         return Path(self.dirpath or trainer.default_root_dir) / "steering"
 
     @torch.no_grad()
-    def extract(self, trainer: Trainer, pl_module: LightningModule) -> SteeringVector:
+    def extract(self, trainer: Trainer, host: SteeringHost) -> SteeringVector:
         """Stream the calibration split once (sharded over processes) and fit the vector; then the
-        strength estimates (see :meth:`estimate`) and the strength chosen among them."""
-        model = pl_module.model
+        strength estimates (see :meth:`estimate`) and the strength chosen among them. Every metric
+        state lives on ``host.device`` (float64), where the processes' sums are gathered."""
+        model = host.model
         was_training = model.training
         model.eval()
-        stats = SteeringStatistics(self.mode, pl_module.vocab_size, self.confidence_threshold).to(pl_module.device)
-        filtered = SteeringStatistics(self.mode, pl_module.vocab_size, self.filter_threshold).to(pl_module.device)
+        stats = SteeringStatistics(self.mode, host.vocab_size, self.confidence_threshold).to(host.device)
+        filtered = SteeringStatistics(self.mode, host.vocab_size, self.filter_threshold).to(host.device)
         loader = trainer.datamodule.lm_dataloader(self.calibration, rank=trainer.global_rank,
                                                   world_size=trainer.world_size)
         batches = tqdm(loader, desc="Steering vector", unit="batch", leave=False,
                        disable=not (trainer.is_global_zero and plain_progress_bar(trainer)))
-        calibrate(trainer, pl_module, self.calibration, [stats, filtered], batches)
-        metadata = pl_module.steering_metadata()
-        metadata["calibration"] = self.calibration
-        vector = stats.steering_vector(eps=self.eps, mu=self.mu, mu_scale=self.mu_scale, metadata=metadata)
-        self.estimate(trainer, pl_module, vector, filtered.steering_vector(eps=self.eps).metadata["mu_star"])
+        with device_seconds(host.device) as calibration_seconds:
+            calibrate(trainer, host, self.calibration, [stats, filtered], batches)
+            vector = stats.steering_vector(eps=self.eps, mu=self.mu, mu_scale=self.mu_scale,
+                                           metadata=dict(host.metadata, calibration=self.calibration))
+        with device_seconds(host.device) as estimate_seconds:
+            self.estimate(trainer, host, vector, filtered.steering_vector(eps=self.eps).metadata["mu_star"])
+        # where and how long (the first process's clock): a GPU run must show a GPU here
+        vector.metadata["extraction"] = {"device": str(host.device), "processes": trainer.world_size,
+                                         "calibration_seconds": round(calibration_seconds(), 3),
+                                         "estimate_seconds": round(estimate_seconds(), 3)}
         model.train(was_training)
         return vector
 
@@ -126,41 +147,64 @@ class SteeringVectorCallback(Callback):
         vector.mu = value * self.mu_scale
         vector.metadata["strength"] = name
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.enabled:
-            return
-        vector = self.extract(trainer, pl_module)
-        vector.metadata["warm_start_steps"] = trainer.global_step
-        pl_module.evaluation.use_steering(vector)
-        summary = {
-            "steering/mu_star": vector.metadata["mu_star"],
-            "steering/token_count": float(vector.metadata["token_count"]),
-            "steering/filtered_share": vector.metadata["filtered_share"],
-        }
-        if vector.direction is not None:
-            summary["steering/direction_norm"] = float(vector.direction.norm())
-        for logger in trainer.loggers:
-            logger.log_metrics(summary, step=trainer.global_step)
-        if trainer.is_global_zero:
+    # -- the fit end ------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._fit_ended = False
+            after_fit_loop(trainer, lambda: self.end_fit(trainer, pl_module))
+
+    def end_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The run's fit end, on the training device: the vector (when enabled), attached to the
+        module's evaluation settings, then the adapter and the vector written once."""
+        host: SteeringHost = pl_module.steering_host()
+        vector = self.extract(trainer, host) if self.enabled else None
+        if vector is not None:
+            vector.metadata["warm_start_steps"] = trainer.global_step
+            host.evaluation.use_steering(vector)
+            log_summary(trainer, vector)
+        self.write_run(trainer, host, vector)
+        self._fit_ended = True
+
+    def write_run(self, trainer: Trainer, host: SteeringHost, vector: SteeringVector | None) -> None:
+        """The run's artifacts, by one writer: the adapter (every process calls: collective under
+        ZeRO-3), then, on the first process, the vector at ``<dirpath>/steering`` and inside the
+        adapter directory (one shareable artifact: ``steering/`` + ``custom_generate/``)."""
+        adapter = Path(trainer.default_root_dir) / "adapter"
+        host.save_adapter(adapter)
+        if vector is not None and trainer.is_global_zero:
             path = vector.save(self.artifact_dir(trainer))
+            if adapter.is_dir():
+                save_artifact(None, vector, adapter)
             rank_zero_info(f"steering vector ({vector}) saved to {path}")
+        trainer.strategy.barrier("svdecode-fit-end")  # every process leaves with the artifacts on disk
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not getattr(self, "_fit_ended", False):
+            raise RuntimeError("SteeringVectorCallback: the fit end did not run before the strategy's teardown "
+                               "(Lightning's fit loop was not wrapped: see after_fit_loop)")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            vars(trainer.fit_loop).pop("run", None)  # the loop's own run again
 
     def _attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled:
             return
-        attached = pl_module.evaluation.steering.vector
+        host: SteeringHost = pl_module.steering_host()
+        attached = host.evaluation.steering.vector
         if attached is not None:
-            pl_module.evaluation.use_steering(attached, self.grid_strengths(attached), scored_estimates(attached))
+            host.evaluation.use_steering(attached, self.grid_strengths(attached), scored_estimates(attached))
             return
         path = self.artifact_dir(trainer)
         if not path.exists():
             rank_zero_info(f"no steering vector at {path}: scoring without steering")
             return
         vector = SteeringVector.load(path)
-        fingerprint = pl_module.steering_metadata()["tokenizer_fingerprint"]
-        vector.check_compatible(pl_module.vocab_size, fingerprint, source=str(path / "steering_vector.json"))
+        fingerprint = host.metadata["tokenizer_fingerprint"]
+        vector.check_compatible(host.vocab_size, fingerprint, source=str(path / "steering_vector.json"))
         self.steer_at(vector)
-        pl_module.evaluation.use_steering(vector, self.grid_strengths(vector), scored_estimates(vector))
+        host.evaluation.use_steering(vector, self.grid_strengths(vector), scored_estimates(vector))
         rank_zero_info(f"loaded {vector} from {path}")
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -168,6 +212,48 @@ class SteeringVectorCallback(Callback):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._attach(trainer, pl_module)
+
+
+def after_fit_loop(trainer: Trainer, end) -> None:
+    """Call ``end()`` once Lightning's fit loop returns, before ``Trainer._teardown`` (which moves the
+    module to the CPU): after the loop's own end (every ``on_train_end``), and also when the loop had
+    nothing to train and called no hook at all (``max_steps 0``; a run resumed from its last step).
+    Not after an exception: then nothing of the fit end is written."""
+    loop = trainer.fit_loop
+    run = type(loop).run.__get__(loop)  # the class's own run, so a second fit does not wrap twice
+
+    def run_then_end() -> None:
+        run()
+        end()
+
+    loop.run = run_then_end
+
+
+def log_summary(trainer: Trainer, vector: SteeringVector) -> None:
+    """The vector's numbers in the run's loggers (TensorBoard, CSV)."""
+    summary = {
+        "steering/mu_star": vector.metadata["mu_star"],
+        "steering/token_count": float(vector.metadata["token_count"]),
+        "steering/filtered_share": vector.metadata["filtered_share"],
+    }
+    if vector.direction is not None:
+        summary["steering/direction_norm"] = float(vector.direction.norm())
+    for logger in trainer.loggers:
+        logger.log_metrics(summary, step=trainer.global_step)
+
+
+@contextlib.contextmanager
+def device_seconds(device: torch.device) -> Iterator:
+    """Wall seconds of the block, the device's queued work included (CUDA synchronised at both ends);
+    yields a function that returns them once the block has ended."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    start, end = time.perf_counter(), None
+    try:
+        yield lambda: end - start
+    finally:
+        synchronize()
+        end = time.perf_counter()
 
 
 def scored_estimates(vector: SteeringVector) -> dict[str, float]:
