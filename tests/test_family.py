@@ -57,9 +57,12 @@ def test_the_family_is_as_fixed():
 
 
 def test_a_member_builds_deterministically():
-    """Same recipe, same weights (a cut-down recipe of the held-out member: its world, 3 layers)."""
+    """Same recipe, same weights, whatever the global RNG's state (a cut-down recipe of the held-out
+    member: its world, 3 layers)."""
     recipe = dict(FAMILY["svdecode-mini-garden"].recipe, hidden_size=16, steps=3, batch=2, warmup=1)
+    torch.manual_seed(1)
     first, _ = pretrain(recipe, log=None)
+    torch.manual_seed(2)
     second, tokenizer = pretrain(recipe, log=None)
     assert tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(build_tokenizer())  # its own words
     a, b = first.state_dict(), second.state_dict()

@@ -37,6 +37,11 @@ questions), each at the member's first build; recipe history: none, no recipe wa
 | ``svdecode-mini-gadgets`` | 0.067 | 0.10 | 1.0 |
 | ``svdecode-mini-garden`` | 0.354 | 0.40 | 1.0 |
 
+Sanity, steering off (``--steering.enabled false``), the MC quickstart with the member's fragment,
+seed 0: the 20-step warm-start moves plain test MC away from the prior, so the task is learnable
+and differs from pre-training: gadgets MC1 43.5 -> 56.0, MC2 49.7 -> 72.4; garden MC1 59.0 -> 87.0,
+MC2 70.2 -> 93.2. No steered result on the new members was looked at before they were committed.
+
 Build time: on the project's shared 2-core machine under load (other jobs running), back to back,
 svdecode-mini 103 s wall (86 s CPU), gadgets 215 s (140 s), garden 284 s (239 s); interleaved
 40-step runs, best of two, put them at 1 : 1.1 : 1.2. svdecode-mini takes 15 s on 2 free cores, so
