@@ -147,15 +147,19 @@ def build_miniature(path: str | Path, recipe: dict = RECIPE, log: Log = print, n
 
 @torch.no_grad()
 def answer_logprobs(model, tokenizer, question: str, answers: list[str]) -> torch.Tensor:
-    """Summed log-probabilities of ``" " + answer`` after the MC prompt (as the MC scoring splits it)."""
+    """Summed log-probabilities of ``" " + answer`` after the MC prompt (as the MC scoring splits it),
+    every answer in one right-padded forward pass."""
     context = mc_prompt(question, QA_PRIMER)
     ctx = len(tokenizer(context)["input_ids"])
-    out = []
-    for answer in answers:
-        ids = tokenizer(context + " " + answer)["input_ids"]
-        logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-        out.append(sum(logp[i - 1, ids[i]].item() for i in range(ctx, len(ids))))
-    return torch.tensor(out)
+    rows = [tokenizer(context + " " + answer)["input_ids"] for answer in answers]
+    ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, x in enumerate(rows):
+        ids[row, : len(x)], mask[row, : len(x)] = torch.tensor(x), 1
+    logp = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+    picked = logp.gather(-1, ids[:, 1:, None])[..., 0]  # position i - 1 predicts token i
+    answer_tokens = mask[:, 1:].bool() & (torch.arange(1, ids.shape[1]) >= ctx)
+    return (picked * answer_tokens).sum(1)
 
 
 def prior_diagnostic(model, tokenizer, recipe: dict = RECIPE, n: int = 40, seed: int = 1) -> dict[str, float]:
