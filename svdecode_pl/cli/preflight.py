@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from svdecode_pl.corpus.worlds import world_named
 from svdecode_pl.utils.errors import OptionError
 
 #: ``ckpt_path`` values that Lightning resolves itself (not files)
@@ -113,7 +114,15 @@ def check_combinations(config: Any) -> None:
         )
 
 
+def check_names(config: Any) -> None:
+    """Options that name something built in: the generated task's world."""
+    world = _get(config, "data.init_args.world")
+    if world is not None:
+        world_named(str(world))
+
+
 def preflight(config: Any) -> None:
     """All checks of a parsed subcommand config."""
     check_paths(config)
+    check_names(config)
     check_combinations(config)

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from svdecode_pl.models.miniature import MINIATURE_MODELS, resolve_miniature
+from svdecode_pl.models.family import MINIATURE_MODELS, resolve_miniature
 from svdecode_pl.models.tiny import TINY_MODELS, resolve_tiny_model
 from svdecode_pl.utils.errors import loading_model
 
@@ -17,7 +17,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 def resolve_name_or_path(name_or_path: str) -> str:
-    """A built-in model name (random-init tiny or the pre-trained miniature) becomes its local
+    """A built-in model name (random-init tiny or a pre-trained miniature of the family) becomes its local
     directory, built on first use."""
     if name_or_path in TINY_MODELS:
         return str(resolve_tiny_model(name_or_path))

@@ -24,6 +24,10 @@ Design (fixed before any steering measurement; nothing here was tuned on steerin
   (matmul reduction order); the recipe is the same.
 * Build: on first use, into ``$SVDECODE_CACHE`` (default ``~/.cache/svdecode_pl``), atomically;
   in a child process when a process group is up (``save_pretrained`` writes on rank 0 only).
+
+This module is the one code path of the whole family of miniatures (pre-training, recipe key,
+prior diagnostic); ``svdecode-mini`` is its first member. The family, its other members and which
+of them is kept out of tuning: :mod:`svdecode_pl.models.family`.
 """
 
 from __future__ import annotations
@@ -32,22 +36,22 @@ import hashlib
 import json
 import math
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from svdecode_pl.corpus import synthetic as world
-from svdecode_pl.corpus.miniature import CORPUS_RECIPE, MISCONCEPTION_SHARE, corpus_tables, document, document_stream
+from svdecode_pl.corpus.miniature import CORPUS_RECIPE, corpus_tables, document, document_stream, recipe_world
 from svdecode_pl.corpus.primer import QA_PRIMER, mc_prompt
-from svdecode_pl.models.tiny import build_tokenizer, save_model_dir, tiny_model_cache
+from svdecode_pl.models.tiny import build_tokenizer, save_model_dir
 
 NAME = "svdecode-mini"
-#: Names that resolve to the pre-trained miniature.
-MINIATURE_MODELS = (NAME,)
+#: A prior diagnostic passes when P(truthful class) on myth questions lies within this of
+#: 1 - misconception_share and fact accuracy is at least FACT_ACCURACY_FLOOR (fixed before any
+#: member but svdecode-mini was built; svdecode-mini's 0.214 vs 0.25 and 1.0 pass).
+P_TRUTHFUL_TOLERANCE = 0.1
+FACT_ACCURACY_FLOOR = 0.9
 
 RECIPE: dict = dict(
     CORPUS_RECIPE,
@@ -100,9 +104,10 @@ def _optimizer(model, recipe: dict) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=recipe["lr"], betas=(0.9, 0.95))
 
 
-def pretrain(recipe: dict = RECIPE, log: Log = print, log_every: int = 50):
-    """(model, tokenizer) pre-trained by the recipe in plain torch; the global RNG is left as found."""
-    tokenizer = build_tokenizer()
+def pretrain(recipe: dict = RECIPE, log: Log = print, log_every: int = 50, name: str = NAME):
+    """(model, tokenizer) pre-trained by the recipe in plain torch; the global RNG is left as found.
+    The tokenizer is trained on the recipe's world (for ``superstitions``: the tiny models' own)."""
+    tokenizer = build_tokenizer(words=recipe_world(recipe).corpus_words())
     state = torch.random.get_rng_state()
     torch.manual_seed(recipe["seed"])
     try:
@@ -121,79 +126,63 @@ def pretrain(recipe: dict = RECIPE, log: Log = print, log_every: int = 50):
             running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
             if log and (step + 1) % log_every == 0:
                 elapsed = time.perf_counter() - start
-                log(f"{NAME}: pre-training step {step + 1}/{recipe['steps']}, loss {running:.3f} ({elapsed:.0f}s)")
+                log(f"{name}: pre-training step {step + 1}/{recipe['steps']}, loss {running:.3f} ({elapsed:.0f}s)")
     finally:
         torch.random.set_rng_state(state)
     return model.eval(), tokenizer
 
 
 def recipe_key(recipe: dict = RECIPE) -> str:
-    """A hash of everything the weights depend on: the recipe and the corpus tables."""
-    return hashlib.sha256(json.dumps([recipe, corpus_tables()], sort_keys=True).encode()).hexdigest()[:10]
+    """A hash of everything the weights depend on: the recipe and its world's tables."""
+    payload = [recipe, corpus_tables(recipe_world(recipe))]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def build_miniature(path: str | Path, recipe: dict = RECIPE, log: Log = print) -> Path:
+def build_miniature(path: str | Path, recipe: dict = RECIPE, log: Log = print, name: str = NAME) -> Path:
     """Pre-train and save (model + tokenizer + recipe) into ``path``, whole or not at all."""
-    model, tokenizer = pretrain(recipe, log=log)
+    model, tokenizer = pretrain(recipe, log=log, name=name)
     model.config.svdecode_miniature_recipe = recipe  # saved in config.json: the build says how it was made
     return save_model_dir(model, tokenizer, Path(path))
 
 
-def resolve_miniature(name: str = NAME, recipe: dict = RECIPE, log: Log = print) -> Path:
-    """The cached miniature's directory, built on first use (outside any process group)."""
-    if name not in MINIATURE_MODELS:
-        raise KeyError(name)
-    path = tiny_model_cache() / f"{name}-{recipe_key(recipe)}"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if log:
-            log(f"{name}: pre-training the miniature once (cached in {path.parent}); about 15 s on 2 free cores")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            code = "from svdecode_pl.models.miniature import build_miniature; "
-            code += f"build_miniature({str(path)!r}, {recipe!r})"
-            subprocess.run([sys.executable, "-c", code], check=True)
-        else:
-            build_miniature(path, recipe, log=log)
-    return path
-
-
 @torch.no_grad()
 def answer_logprobs(model, tokenizer, question: str, answers: list[str]) -> torch.Tensor:
-    """Summed log-probabilities of ``" " + answer`` after the MC prompt (as the MC scoring splits it)."""
+    """Summed log-probabilities of ``" " + answer`` after the MC prompt (as the MC scoring splits it),
+    every answer in one right-padded forward pass."""
     context = mc_prompt(question, QA_PRIMER)
     ctx = len(tokenizer(context)["input_ids"])
-    out = []
-    for answer in answers:
-        ids = tokenizer(context + " " + answer)["input_ids"]
-        logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-        out.append(sum(logp[i - 1, ids[i]].item() for i in range(ctx, len(ids))))
-    return torch.tensor(out)
+    rows = [tokenizer(context + " " + answer)["input_ids"] for answer in answers]
+    ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, x in enumerate(rows):
+        ids[row, : len(x)], mask[row, : len(x)] = torch.tensor(x), 1
+    logp = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+    picked = logp.gather(-1, ids[:, 1:, None])[..., 0]  # position i - 1 predicts token i
+    answer_tokens = mask[:, 1:].bool() & (torch.arange(1, ids.shape[1]) >= ctx)
+    return (picked * answer_tokens).sum(1)
 
 
-def prior_diagnostic(model, tokenizer, n: int = 40, seed: int = 1) -> dict[str, float]:
-    """The stopping rule, fixed before any steering: P(truthful class) on myth questions (mass of the
-    true vs the false templates; target 1 - MISCONCEPTION_SHARE) and fact accuracy."""
-    rng = random.Random(seed)
+def prior_diagnostic(model, tokenizer, recipe: dict = RECIPE, n: int = 40, seed: int = 1) -> dict[str, float]:
+    """The stopping rule, fixed before any steering: P(truthful class) on myth questions of the
+    recipe's world (mass of the true vs the false templates; target 1 - misconception_share) and
+    fact accuracy (the world's short fact answer for every value of its table)."""
+    world, rng = recipe_world(recipe), random.Random(seed)
     shares, correct = [], 0
-    colors = sorted(set(world.FACTS.values()))
     for _ in range(n):
-        thing, action = rng.choice(world.THINGS), rng.choice(world.ACTIONS)
-        answers = [t.format(a=action, t=thing) for t in world.TRUE_MYTH + world.FALSE_MYTH]
-        p = answer_logprobs(model, tokenizer, f"What happens if you {action} {thing}?", answers).softmax(0)
-        shares.append(p[: len(world.TRUE_MYTH)].sum().item())
-        subject = rng.choice(sorted(world.FACTS))
-        question = world.FACT_QUESTIONS[0].format(s=subject)
-        lp = answer_logprobs(model, tokenizer, question, [f"It is {c}." for c in colors])
-        correct += colors[int(lp.argmax())] == world.FACTS[subject]
-    return {"p_truthful_myth": sum(shares) / n, "target": 1 - MISCONCEPTION_SHARE, "fact_accuracy": correct / n}
+        thing, action = rng.choice(world.things), rng.choice(world.actions)
+        answers = [t.format(a=action, t=thing) for t in world.true_myth + world.false_myth]
+        p = answer_logprobs(model, tokenizer, world.myth(action, thing), answers).softmax(0)
+        shares.append(p[: len(world.true_myth)].sum().item())
+        subject = rng.choice(sorted(world.facts))
+        question = world.fact_questions[0].format(s=subject)
+        probes = [world.fact_probe.format(s=subject, c=c) for c in world.values]
+        chosen = world.values[int(answer_logprobs(model, tokenizer, question, probes).argmax())]
+        correct += chosen == world.facts[subject]
+    target = 1 - recipe["misconception_share"]
+    return {"p_truthful_myth": sum(shares) / n, "target": target, "fact_accuracy": correct / n}
 
 
-if __name__ == "__main__":  # python -m svdecode_pl.models.miniature [--diagnose]
-    t0 = time.perf_counter()
-    where = resolve_miniature()
-    print(f"{NAME} at {where} ({time.perf_counter() - t0:.1f}s)")
-    if "--diagnose" in sys.argv:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        m = AutoModelForCausalLM.from_pretrained(where).eval()
-        print(prior_diagnostic(m, AutoTokenizer.from_pretrained(where)))
+def diagnostic_passes(diagnostic: dict[str, float]) -> bool:
+    """Whether a miniature pre-trained to its prior (the only test of a build; no steering)."""
+    off_target = abs(diagnostic["p_truthful_myth"] - diagnostic["target"])
+    return off_target <= P_TRUTHFUL_TOLERANCE and diagnostic["fact_accuracy"] >= FACT_ACCURACY_FLOOR

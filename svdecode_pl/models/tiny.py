@@ -36,19 +36,21 @@ _QWEN2_SPLIT = (
 )
 
 
-def _corpus() -> list[str]:
+def _corpus(words: list[str] | None = None) -> list[str]:
+    """The primer and ``words`` (default: the first world's, on which every tiny model's tokenizer
+    was trained: keep it, or their fingerprint changes)."""
     from svdecode_pl.corpus.primer import QA_PRIMER
-    from svdecode_pl.corpus.synthetic import corpus_words
+    from svdecode_pl.corpus.worlds import SUPERSTITIONS
 
-    words = corpus_words()
+    words = SUPERSTITIONS.corpus_words() if words is None else words
     lines = [QA_PRIMER] + [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
     lines += [f"Q: {w}?\nA: {w}." for w in words]
     return lines
 
 
-def train_bpe(vocab_size: int = 2048, special_tokens: tuple[str, ...] = (_EOS,)):
-    """A byte-level BPE (a ``tokenizers.Tokenizer``) trained on the built-in corpus with Qwen2's
-    pre-tokenizer: any text encodes; frequent words get their own token."""
+def train_bpe(vocab_size: int = 2048, special_tokens: tuple[str, ...] = (_EOS,), words: list[str] | None = None):
+    """A byte-level BPE (a ``tokenizers.Tokenizer``) trained on the built-in corpus (with ``words``,
+    see :func:`_corpus`) with Qwen2's pre-tokenizer: any text encodes; frequent words get their own token."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -65,15 +67,17 @@ def train_bpe(vocab_size: int = 2048, special_tokens: tuple[str, ...] = (_EOS,))
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(_corpus(words), trainer)
     return tok
 
 
-def build_tokenizer(vocab_size: int = 2048):
-    """The tiny models' tokenizer: :func:`train_bpe` with ``<|endoftext|>`` as EOS and pad."""
+def build_tokenizer(vocab_size: int = 2048, words: list[str] | None = None):
+    """The tiny models' tokenizer: :func:`train_bpe` with ``<|endoftext|>`` as EOS and pad (``words``:
+    a miniature's own world's words instead of the first world's)."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=train_bpe(vocab_size), eos_token=_EOS, pad_token=_EOS)
+    bpe = train_bpe(vocab_size, words=words)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=_EOS, pad_token=_EOS)
 
 
 def build_tiny_model(

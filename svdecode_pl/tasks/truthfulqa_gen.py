@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from svdecode_pl.corpus.primer import QA_PRIMER, truthfulqa_gen_prompt
-from svdecode_pl.corpus.synthetic import synthetic_questions
+from svdecode_pl.corpus.synthetic import synthetic_questions, synthetic_source
+from svdecode_pl.corpus.worlds import DEFAULT_WORLD, world_named
 from svdecode_pl.evaluation.encoding import encode_prompt_target
 from svdecode_pl.evaluation.generation_settings import GenerationSettings
 from svdecode_pl.evaluation.items import GenerationItem
@@ -83,14 +84,15 @@ def read_generation_file(path: str | Path) -> list[GenerationQuestion]:
     return [parse_generation_record(row, str(path), index) for index, row in enumerate(rows)]
 
 
-def synthetic_generation_questions(num_questions: int, seed: int = 0) -> list[GenerationQuestion]:
-    """The embedded default task (:mod:`svdecode_pl.corpus.synthetic`) in the generation form; its
-    two kinds of questions are its two categories."""
-    questions = []
-    for index, mc in enumerate(synthetic_questions(num_questions, seed)):
+def synthetic_generation_questions(num_questions: int, seed: int = 0,
+                                   world: str = DEFAULT_WORLD) -> list[GenerationQuestion]:
+    """The embedded default task (:mod:`svdecode_pl.corpus.synthetic`, over ``world``) in the
+    generation form; its two kinds of questions are its two categories."""
+    questions, tables = [], world_named(world)
+    for index, mc in enumerate(synthetic_questions(num_questions, seed, tables)):
         true = [a for a, label in zip(mc.mc2_choices, mc.mc2_labels) if label]
         false = [a for a, label in zip(mc.mc2_choices, mc.mc2_labels) if not label]
-        category = "Superstitions" if index % 2 == 0 else "Colors"
+        category = tables.categories[index % 2]
         questions.append(GenerationQuestion(mc.id, index, mc.question, mc.best_answer, true, false, category))
     return questions
 
@@ -132,6 +134,7 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
         tokenizer: str = "svdecode-tiny",
         path: str | None = None,
         synthetic_questions: int = 0,
+        world: str = DEFAULT_WORLD,
         hub_id: str = "truthfulqa/truthful_qa",
         hub_config: str = "generation",
         hub_split: str = "validation",
@@ -150,6 +153,8 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
             tokenizer: Tokenizer name or path (linked to ``--model.name_or_path`` by the CLI).
             path: Local ``TruthfulQA.csv`` or JSON/JSONL of the hub's generation form.
             synthetic_questions: Number of generated questions (the embedded default task).
+            world: The generated task's world (``svdecode_pl.corpus.worlds``: superstitions, gadgets, garden;
+                each miniature of ``svdecode_pl.models.family`` is pre-trained on one, see configs/family/).
             hub_id: Hub dataset id, used when neither ``path`` nor the generated task is set.
             hub_config: Hub dataset configuration.
             hub_split: Hub dataset split.
@@ -168,6 +173,7 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
         if not 0.0 <= train_fraction <= 1.0 or not 0.0 <= val_fraction <= 1.0 - train_fraction:
             raise OptionError(f"--data.train_fraction {train_fraction}, --data.val_fraction {val_fraction}: need "
                               "0 <= train_fraction <= 1 and 0 <= val_fraction <= 1 - train_fraction")
+        world_named(world)
         self.save_hyperparameters()
         self.generation = generation or GenerationSettings()
         self.judges = judges
@@ -177,7 +183,9 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
         hp = self.hparams
         if hp.path:
             return str(hp.path)
-        return f"synthetic({hp.synthetic_questions}, seed={self.split_seed})" if hp.synthetic_questions else hp.hub_id
+        if hp.synthetic_questions:
+            return synthetic_source(hp.synthetic_questions, self.split_seed, hp.world)
+        return hp.hub_id
 
     @property
     def metric_names(self) -> list[str]:
@@ -188,7 +196,7 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
         if hp.path:
             questions = read_generation_file(hp.path)
         elif hp.synthetic_questions:
-            questions = synthetic_generation_questions(hp.synthetic_questions, seed=self.split_seed)
+            questions = synthetic_generation_questions(hp.synthetic_questions, self.split_seed, hp.world)
         else:
             import datasets
 

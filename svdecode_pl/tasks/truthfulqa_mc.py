@@ -8,7 +8,8 @@ import torch
 
 from svdecode_pl.corpus.primer import QA_PRIMER, mc_prompt
 from svdecode_pl.corpus.questions import MCQuestion
-from svdecode_pl.corpus.synthetic import synthetic_questions
+from svdecode_pl.corpus.synthetic import synthetic_questions, synthetic_source
+from svdecode_pl.corpus.worlds import DEFAULT_WORLD, world_named
 from svdecode_pl.evaluation.encoding import encode_pair, encode_pairs
 from svdecode_pl.evaluation.items import ChoiceItem
 from svdecode_pl.metrics.choice import mc1_score, mc2_score, mc3_score
@@ -69,6 +70,7 @@ class TruthfulQADataModule(TaskDataModule):
         tokenizer: str = "svdecode-tiny",
         path: str | None = None,
         synthetic_questions: int = 0,
+        world: str = DEFAULT_WORLD,
         hub_id: str = "truthfulqa/truthful_qa",
         hub_config: str = "multiple_choice",
         hub_split: str = "validation",
@@ -86,6 +88,8 @@ class TruthfulQADataModule(TaskDataModule):
             tokenizer: Tokenizer name or path (linked to ``--model.name_or_path`` by the CLI).
             path: Local TruthfulQA MC file; overrides the generated task and the hub.
             synthetic_questions: Number of generated questions (the embedded default task).
+            world: The generated task's world (``svdecode_pl.corpus.worlds``: superstitions, gadgets, garden;
+                each miniature of ``svdecode_pl.models.family`` is pre-trained on one, see configs/family/).
             hub_id: Hub dataset id, used when neither ``path`` nor the generated task is set.
             hub_config: Hub dataset configuration.
             hub_split: Hub dataset split.
@@ -104,6 +108,7 @@ class TruthfulQADataModule(TaskDataModule):
         if not 0.0 <= train_fraction <= 1.0 or not 0.0 <= val_fraction <= 1.0 - train_fraction:
             raise OptionError(f"--data.train_fraction {train_fraction}, --data.val_fraction {val_fraction}: need "
                               "0 <= train_fraction <= 1 and 0 <= val_fraction <= 1 - train_fraction")
+        world_named(world)
         self.save_hyperparameters()
 
     @property
@@ -111,14 +116,16 @@ class TruthfulQADataModule(TaskDataModule):
         hp = self.hparams
         if hp.path:
             return str(hp.path)
-        return f"synthetic({hp.synthetic_questions}, seed={self.split_seed})" if hp.synthetic_questions else hp.hub_id
+        if hp.synthetic_questions:
+            return synthetic_source(hp.synthetic_questions, self.split_seed, hp.world)
+        return hp.hub_id
 
     def load_questions(self) -> list[MCQuestion]:
         hp = self.hparams
         if hp.path:
             questions = read_mc_file(hp.path)
         elif hp.synthetic_questions:
-            questions = synthetic_questions(hp.synthetic_questions, seed=self.split_seed)
+            questions = synthetic_questions(hp.synthetic_questions, self.split_seed, world_named(hp.world))
         else:
             import datasets
 

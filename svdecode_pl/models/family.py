@@ -1,0 +1,136 @@
+"""The family of pre-trained miniatures: the testbeds a steering default is chosen and checked on.
+
+A default chosen on one miniature need not carry over to another (issue 26). So the family has
+three members that differ in domain and vocabulary (their worlds, ``svdecode_pl.corpus.worlds``),
+in how strongly misconceptions dominate their pre-training text, and in size. All are built by one
+code path (:mod:`svdecode_pl.models.miniature`: deterministic, recipe-hashed, cached), each judged
+only by its prior diagnostic (P(truthful class) on myth questions within 0.1 of
+1 - misconception_share, fact accuracy >= 0.9; decided before the new members were built).
+
+Fixed before any steering result on the new members existed, and not to be changed after:
+
+| member | world | misconception share | shape (hidden x layers) | role |
+|---|---|---|---|---|
+| ``svdecode-mini`` | superstitions + colours | 0.75 | 64 x 2 | tuning |
+| ``svdecode-mini-gadgets`` | electronics myths + capital cities | 0.9 | 96 x 2 | tuning |
+| ``svdecode-mini-garden`` | plant-growing lore (yes/no) + sides of shapes | 0.6 | 64 x 3 | **held out** |
+
+Which is held out, and why that one: a strength/mode rule is tuned on the two tuning members only;
+``svdecode-mini-garden`` is reported untouched. It differs from both tuning members on every axis
+(its own domain and question form, the other end of the share range, a third layer neither tuning
+member has), so it tests whether a rule generalises rather than interpolates.
+
+``svdecode-mini``: recipe, diagnostic (0.214 vs target 0.25, facts 1.0) and history in
+:mod:`svdecode_pl.models.miniature`; unchanged (same recipe key, same weights).
+
+``svdecode-mini-gadgets`` and ``svdecode-mini-garden``: svdecode-mini's training recipe (300 AdamW
+steps x 16 documents, lr 1e-2, 20 warm-up steps, cosine to 10 %, wd 0.01, clip 1.0, seed 0) with
+their world, share and shape; each one's tokenizer is the tiny BPE trained on the primer and its
+own world's words (790 and 763 entries; svdecode-mini keeps the tiny models' 710).
+
+Diagnostics (:func:`~svdecode_pl.models.miniature.prior_diagnostic`, seed 1, 40 myth and 40 fact
+questions), each at the member's first build; recipe history: none, no recipe was changed:
+
+| member | P(truthful) on myths | target | fact accuracy |
+|---|---|---|---|
+| ``svdecode-mini`` | 0.214 | 0.25 | 1.0 |
+| ``svdecode-mini-gadgets`` | 0.067 | 0.10 | 1.0 |
+| ``svdecode-mini-garden`` | 0.354 | 0.40 | 1.0 |
+
+Sanity, steering off (``--steering.enabled false``), the MC quickstart with the member's fragment,
+seed 0: the 20-step warm-start moves plain test MC away from the prior, so the task is learnable
+and differs from pre-training: gadgets MC1 43.5 -> 56.0, MC2 49.7 -> 72.4; garden MC1 59.0 -> 87.0,
+MC2 70.2 -> 93.2. No steered result on the new members was looked at before they were committed.
+
+Build time: on the project's shared 2-core machine under load (other jobs running), back to back,
+svdecode-mini 103 s wall (86 s CPU), gadgets 215 s (140 s), garden 284 s (239 s); interleaved
+40-step runs, best of two, put them at 1 : 1.1 : 1.2. svdecode-mini takes 15 s on 2 free cores, so
+each new member stays well under a minute there (``build_seconds``: the first-use message's guess).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from svdecode_pl.corpus.miniature import recipe_world
+from svdecode_pl.corpus.worlds import World
+from svdecode_pl.models.miniature import RECIPE, Log, build_miniature, prior_diagnostic, recipe_key
+from svdecode_pl.models.tiny import tiny_model_cache
+
+
+@dataclass(frozen=True)
+class Miniature:
+    """A member of the family: its name, its recipe (world, share, shape, training) and its role."""
+
+    name: str
+    recipe: dict
+    role: Literal["tuning", "held-out"]
+    #: pre-training time on 2 free cores, measured (the first-use message's estimate)
+    build_seconds: int
+
+    @property
+    def world(self) -> World:
+        return recipe_world(self.recipe)
+
+
+FAMILY: dict[str, Miniature] = {
+    m.name: m
+    for m in (
+        Miniature("svdecode-mini", RECIPE, "tuning", 15),
+        Miniature("svdecode-mini-gadgets", dict(RECIPE, world="gadgets", misconception_share=0.9, hidden_size=96),
+                  "tuning", 25),
+        Miniature("svdecode-mini-garden", dict(RECIPE, world="garden", misconception_share=0.6, num_layers=3),
+                  "held-out", 35),
+    )
+}
+#: Names that resolve to a pre-trained miniature.
+MINIATURE_MODELS = tuple(FAMILY)
+#: The members a steering default may be tuned on, and the one reported untouched.
+TUNING_MEMBERS = tuple(name for name, m in FAMILY.items() if m.role == "tuning")
+HELD_OUT_MEMBERS = tuple(name for name, m in FAMILY.items() if m.role == "held-out")
+
+
+def miniature_path(name: str) -> Path:
+    """Where the member's build is cached: its name and its recipe key."""
+    return tiny_model_cache() / f"{name}-{recipe_key(FAMILY[name].recipe)}"
+
+
+def resolve_miniature(name: str = "svdecode-mini", log: Log = print) -> Path:
+    """The cached member's directory, built on first use (outside any process group)."""
+    member, path = FAMILY[name], miniature_path(name)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if log:
+            log(f"{name}: pre-training the miniature once (cached in {path.parent}); "
+                f"about {member.build_seconds} s on 2 free cores")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            code = "from svdecode_pl.models.miniature import build_miniature; "
+            code += f"build_miniature({str(path)!r}, {member.recipe!r}, name={name!r})"
+            subprocess.run([sys.executable, "-c", code], check=True)
+        else:
+            build_miniature(path, member.recipe, log=log, name=name)
+    return path
+
+
+def diagnose(name: str) -> dict[str, float]:
+    """The member's prior diagnostic on its cached build (built first if needed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve_miniature(name)
+    model = AutoModelForCausalLM.from_pretrained(where).eval()
+    return prior_diagnostic(model, AutoTokenizer.from_pretrained(where), FAMILY[name].recipe)
+
+
+if __name__ == "__main__":  # python -m svdecode_pl.models.family [NAME ...] [--diagnose]
+    for member in [a for a in sys.argv[1:] if not a.startswith("--")] or list(FAMILY):
+        t0 = time.perf_counter()
+        print(f"{member} ({FAMILY[member].role}) at {resolve_miniature(member)} ({time.perf_counter() - t0:.1f}s)")
+        if "--diagnose" in sys.argv:
+            print(diagnose(member))
