@@ -218,8 +218,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        given = args.model_dir
         if args.model_dir is None:
             args.model_dir = str(build_model(tmp, args.hidden, args.layers))
+        model_name = given or f"tiny Qwen2 hidden {args.hidden} x {args.layers} layers"
         runs: dict[tuple[str, int], dict] = {}
         results: dict[tuple[str, int], dict] = {}
         plan = [("ours", n) for n in args.sizes] + [("naive", n) for n in args.naive_sizes]
@@ -231,7 +233,7 @@ def main() -> None:
                   f"{runs[variant, n]['us_per_token']:8.1f} us/token (one pass)", flush=True)
         timed = spawn(args, "ours", args.time_size, tmp / "timed.pt", repeat=args.repeat)
 
-    print(f"\nSteering extraction, V={VOCAB:,}, tiny Qwen2 hidden {args.hidden} x {args.layers} layers + LoRA, "
+    print(f"\nSteering extraction, V={VOCAB:,}, {model_name} + LoRA, "
           f"{args.seq_len}-token sequences, batch {args.batch}, chunk {args.chunk_tokens} tokens, "
           f"{args.threads} threads, {args.device}")
     print(f"{'variant':<10}{'sequences':>10}{'tokens':>9}{'peak extra MB':>15}{'us/token, 1 pass':>18}")

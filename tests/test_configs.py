@@ -94,6 +94,8 @@ def test_peft_fragments(name):
 def test_callback_sets_compose(path):
     # the quickstart checkpoints already; the judge recipe does not (Lightning then adds its default)
     base = CONFIGS / ("judges/train_truth_judge.yaml" if path.stem == "checkpointing" else "quickstart.yaml")
+    if path.stem == "checkpointing":  # the judge recipe reads the authors' judge data when built
+        real_data("truthfulqa", "judge", "finetune_truth.jsonl")
     before, after = build(base), build(base, path)
     added = {"checkpointing": "RunCheckpoint", "early_stopping": "EarlyStopping",
              "prediction_writer": "JSONLPredictionWriter"}[path.stem]
