@@ -14,6 +14,7 @@ decoding raises.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -74,7 +75,8 @@ def merged_adapter(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
                     param.data = storage
         yield True
     finally:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Unmerge result can be inaccurate")  # IA3's; the copies are exact
             if any(layer.merged for layer in _tuner_layers(model)):
                 model.unmerge_adapter()  # PEFT's bookkeeping (merged_adapters, DoRA's caches)
             for param, storage, original in saved:
