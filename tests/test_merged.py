@@ -45,7 +45,8 @@ def _decode(model, tokenizer, settings, steering, merge: bool) -> tuple[torch.Te
     handles = [layer.register_forward_pre_hook(lambda m, args: seen.add(m.merged)) for layer in layers]
     try:
         prompts = [tokenizer(t)["input_ids"] for t in PROMPT_TEXTS]
-        out = generate_sequences(model, tokenizer, prompts, dataclasses.replace(settings, merge_adapter=merge), steering)
+        settings = dataclasses.replace(settings, merge_adapter=merge)
+        out = generate_sequences(model, tokenizer, prompts, settings, steering)
     finally:
         for handle in handles:
             handle.remove()
