@@ -186,3 +186,21 @@ def test_compiled_decoding_equals_eager_and_replays(device) -> None:
             generate_token_ids(model, tok, prompts, on, vector)
             assert compiled._held(hf_model(model).get_decoder())["mixed"] is cache
     assert all(torch.equal(weights[name], p) for name, p in model.named_parameters())
+
+
+def test_merged_weights_restored_from_host_copies(device, monkeypatch) -> None:
+    """Where the weights' copies do not fit the device (forced here), they wait in pinned host
+    memory: the same tokens, and the weights back bit for bit in their own storage."""
+    from svdecode_pl.evaluation import merged
+    from svdecode_pl.evaluation.generation import GenerationSettings, generate_token_ids
+
+    model, tok = _model(device, torch.float32)
+    weights = {name: (p.detach().clone(), p.data_ptr()) for name, p in model.named_parameters()}
+    prompts = [tok(q)["input_ids"] for q in QUESTIONS]
+    settings = GenerationSettings(max_new_tokens=8, stop=[], compile=False)
+    unmerged = generate_token_ids(model, tok, prompts, GenerationSettings(max_new_tokens=8, stop=[], compile=False,
+                                                                          merge_adapter=False))
+    monkeypatch.setattr(merged, "BACKUP_SHARE", 0.0)
+    assert generate_token_ids(model, tok, prompts, settings) == unmerged
+    assert merged._backup_on_host([next(model.parameters())]) == (device.type == "cuda")
+    assert all(torch.equal(weights[n][0], p) and weights[n][1] == p.data_ptr() for n, p in model.named_parameters())

@@ -8,7 +8,9 @@ arithmetic; undoing it by PEFT's ``unmerge_adapter`` alone would leave ``(W + dW
 dynamic loop's base model (adapter off) of later passes. So the touched weights are copied first,
 PEFT's own bookkeeping is undone by ``unmerge_adapter``, and the copies are written back into the
 weights' original storage (the same addresses, which compiled CUDA graphs depend on), also when
-decoding raises.
+decoding raises. The copies live on the weights' device when they fit in :data:`BACKUP_SHARE` of its
+free memory, else in (pinned) host memory: at 7B on a small GPU a second copy of the weights would
+not fit beside the decoding batch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from svdecode_pl.models.heads import is_peft_model
 #: Frozen layer types whose merge is plain arithmetic on dense weights (a quantized base layer would
 #: be dequantized and requantized: lossy, so such a model decodes unmerged).
 _DENSE = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
+#: Largest share of a GPU's free memory the weights' copies may take there (else they go to the host).
+BACKUP_SHARE = 0.25
 
 
 def _tuner_layers(model: nn.Module) -> list[nn.Module]:
@@ -63,9 +67,9 @@ def merged_adapter(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
     if not enabled or not merge_support(model)[0]:
         yield False
         return
-    saved: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
-    for layer in _tuner_layers(model):
-        saved += [(p, p.data, p.data.clone()) for p in layer.get_base_layer().parameters(recurse=False)]
+    params = [p for layer in _tuner_layers(model) for p in layer.get_base_layer().parameters(recurse=False)]
+    host = _backup_on_host(params)
+    saved = [(p, p.data, _copy(p.data, host)) for p in params]
     try:
         with torch.no_grad():
             model.merge_adapter()
@@ -82,3 +86,19 @@ def merged_adapter(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
             for param, storage, original in saved:
                 storage.copy_(original)
                 param.data = storage
+
+
+def _copy(tensor: torch.Tensor, host: bool) -> torch.Tensor:
+    if not host:
+        return tensor.clone()
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+
+
+def _backup_on_host(params: list[nn.Parameter]) -> bool:
+    """Whether the weights' copies go to host memory: on CUDA, when they would take more than
+    :data:`BACKUP_SHARE` of the device's free memory."""
+    device = params[0].device if params else torch.device("cpu")
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(p.numel() * p.element_size() for p in params) > BACKUP_SHARE * free
