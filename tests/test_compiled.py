@@ -5,6 +5,7 @@ caches reused across batches, and a real ``torch.compile`` on the CPU with eager
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -76,6 +77,8 @@ def test_static_cache_grows_and_follows_the_rows(flat_model_dir) -> None:
     assert compiled.cache_capacity(compiled.static_cache(model, "base", 4, 5)) == 2 * compiled.CACHE_LENGTH_STEP
 
 
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))),
+                    reason="torch.compile on the CPU builds C++ kernels: no C++ compiler found")
 def test_compiled_decoding_equals_eager(flat_model_dir, flat_tokenizer, prompts) -> None:
     """``torch.compile`` (inductor, C++ kernels built by gcc) of ``generate``'s steps and of the
     dynamic loop's step: greedy tokens equal eager decoding's, plain, static- and dynamic-steered
