@@ -1,6 +1,7 @@
-"""Dynamic steering's own decoding loop: the adapted and the base model side by side, each
-with its key/value cache, the direction recomputed from both logits at every step; greedy,
-sampling, or beam search (:mod:`.dynamic_beams`, both caches reordered with the beams)."""
+"""Dynamic steering's own decoding loop: the adapted and the base model side by side (LoRA: as one
+doubled batch, :mod:`.mixed_dynamic`), with their key/value caches (dynamic, or static with compiled
+steps, :mod:`.compiled`), the direction recomputed from both logits at every step; greedy,
+sampling, or beam search (:mod:`.dynamic_beams`, the caches reordered with the beams)."""
 
 from __future__ import annotations
 
