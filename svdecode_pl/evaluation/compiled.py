@@ -35,10 +35,14 @@ _caches: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyD
 
 
 def compile_support(model: nn.Module) -> tuple[bool, str]:
-    """(compilable, why not): prompt learning feeds virtual tokens (a prefix cache, or embeddings
-    in front of the batch) that the static-cache loop does not model."""
+    """(compilable, why not): a transformers model that declares a compilable forward (static caches
+    supported), and no prompt learning, whose virtual tokens (a prefix cache, or embeddings in front
+    of the batch) the static-cache loop does not model."""
     if is_prompt_learning(model):
         return False, "prompt learning (virtual tokens)"
+    inner = hf_model(model)
+    if not getattr(inner, "_can_compile_fullgraph", False):
+        return False, f"{type(inner).__name__} does not declare a compilable forward (static cache)"
     return True, ""
 
 
