@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def test_compile_setting_resolves_by_device(flat_model_dir) -> None:
+def test_compile_setting_resolves_by_device(flat_model_dir, monkeypatch) -> None:
     model = peft_model(flat_model_dir)
     auto = GenerationSettings()
     assert not decoding_compiled(model, auto, CPU) and decoding_compiled(model, auto, CUDA)
@@ -35,6 +35,10 @@ def test_compile_setting_resolves_by_device(flat_model_dir) -> None:
     with pytest.warns(UserWarning, match="decoding eagerly, prompt learning"):
         assert not decoding_compiled(peft_model(flat_model_dir, "prompt_tuning"),
                                      dataclasses.replace(auto, compile=True), CPU)
+    monkeypatch.setattr(type(hf_model(model)), "_can_compile_fullgraph", False)
+    with pytest.warns(UserWarning, match="does not declare a compilable forward"):
+        assert not decoding_compiled(model, dataclasses.replace(auto, compile=True), CPU)
+    monkeypatch.undo()
     with pytest.raises(OptionError, match="compile must be auto, true or false"):
         GenerationSettings(compile="yes")
     config = generation_config(auto, [0], 0, CPU, prompt_length=300)
