@@ -22,7 +22,10 @@ Variants (``steering/adapter/decoding``), all through ``generate_token_ids``:
 
 Timing: every variant first runs once on every batch (warm-up: compilation, caches, allocator), then
 the variants alternate batch by batch, ``--repeat`` times, each batch keeping its fastest pass; on
-CUDA each pass lies between two ``torch.cuda.synchronize()``. Tokens/s = generated tokens / seconds.
+CUDA each pass lies between two ``torch.cuda.synchronize()``. Tokens/s = generated tokens (each
+row's decoding steps up to its EOS; lm-eval's: those of ``plain/unmerged/eager`` when the texts are
+the same) / seconds. A random model of a real shape generates mostly ids its small tokenizer does
+not cover (they decode to nothing): its texts say little, its speed is still the speed.
 
 The limit: the bytes one decoding step must read (every weight once, the KV cache of the batch at
 the mean length) over the device's memory bandwidth, a ceiling on tokens/s at that batch (CUDA: the
@@ -114,7 +117,7 @@ def lm_eval_runner(model, tokenizer, contexts: list[str], args, batch: int):
 
 
 def variant_runner(model, tokenizer, name: str, args, direction: torch.Tensor):
-    """``run(prompts)`` -> the texts of one variant (cut as lm-eval cuts them)."""
+    """``run(prompts)`` -> (texts cut as lm-eval cuts them, tokens generated) of one variant."""
     from svdecode_pl.evaluation.generation import GenerationSettings, cut_text, generate_token_ids
     from svdecode_pl.steering.vector import SteeringVector
 
@@ -129,7 +132,7 @@ def variant_runner(model, tokenizer, name: str, args, direction: torch.Tensor):
     def run(prompts):
         with two_passes(adapter == "two-pass"):
             ids = generate_token_ids(model, tokenizer, prompts, settings, vector)
-        return [cut_text(tokenizer.decode(row, skip_special_tokens=True), stop) for row in ids]
+        return [cut_text(tokenizer.decode(row, skip_special_tokens=True), stop) for row in ids], sum(map(len, ids))
 
     return run
 
@@ -158,9 +161,11 @@ def measure_batch(model, tokenizer, args, batch: int, count: int, direction: tor
             run = variant_runner(model, tokenizer, name, args, direction)
             runners[name] = [lambda chunk=chunk, run=run: run(chunk) for chunk in chunks]
         results[name] = {"texts": [], "seconds": [float("inf")] * len(runners[name]), "tokens": 0}
-        for index, call in enumerate(runners[name]):  # warm-up; records the texts
+        for index, call in enumerate(runners[name]):  # warm-up; records texts and generated tokens
             out, _ = timed(call, args.device)
-            results[name]["texts"] += out
+            texts, tokens = (out, None) if name == "lm-eval" else out
+            results[name]["texts"] += texts
+            results[name]["tokens"] = None if tokens is None else results[name]["tokens"] + tokens
             print(f"  warmed up {name} ({index + 1}/{len(runners[name])})", flush=True)
     for _ in range(args.repeat):
         for index in range(len(chunks)):
@@ -168,10 +173,14 @@ def measure_batch(model, tokenizer, args, batch: int, count: int, direction: tor
                 if index < len(calls):
                     _, seconds = timed(calls[index], args.device)
                     results[name]["seconds"][index] = min(results[name]["seconds"][index], seconds)
-    for record in results.values():
+    for name, record in results.items():
         record["seconds"] = sum(record["seconds"])
-        record["tokens"] = sum(len(tokenizer(t)["input_ids"]) if t else 0 for t in record["texts"])
+        if record["tokens"] is None:  # lm-eval returns texts: its tokens are those of the same texts of ours
+            same = BASELINE in results and results[BASELINE]["texts"] == record["texts"]
+            record["tokens"] = results[BASELINE]["tokens"] if same else \
+                sum(len(tokenizer(t)["input_ids"]) for t in record["texts"])
         record["tokens_per_s"] = record["tokens"] / record["seconds"]
+        print(f"  {name}: {record['tokens']} tokens in {record['seconds']:.3f} s", flush=True)
     return results
 
 
