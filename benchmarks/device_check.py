@@ -53,6 +53,11 @@ BUDGET = {"build_model": 60, "fit_zero2": 150, "gpu_tests": 200, "extraction": 7
           "generation_batch_16": 240, "truthfulqa_mc": 100}
 
 
+#: The variants issue 28's goals compare (today's eager decoding, the compiled ones, lm-eval).
+GENERATION_VARIANTS = ["plain/unmerged/eager", "plain/merged/compiled", "static/merged/compiled",
+                       "dynamic/one-pass/eager", "dynamic/one-pass/compiled", "lm-eval"]
+
+
 def install_wheels(dry_run: bool, workdir: Path) -> dict:
     """The carried wheels (``.whl/``) installed into this interpreter's own environment, where every
     process it starts finds them whatever its ``PYTHONPATH`` (pip ``--no-deps``: ``.whl/`` holds each
@@ -187,7 +192,7 @@ def steps(model_dir: Path, workdir: Path, device: str, dry_run: bool) -> dict[st
     seq_len = "64" if dry_run else "512"
     generation = [py, "benchmarks/generation.py", "--model", str(model_dir), "--device", device,
                   "--dtype", "bfloat16" if device == "cuda" else "float32", "--new-tokens", "8" if dry_run else "64",
-                  "--repeat", "1"]
+                  "--repeat", "1", "--variants", *GENERATION_VARIANTS]
     mc_questions = write_mc_questions(workdir / "mc_task.json", 64)
     return {
         "fit_zero2": fit_commands(model_dir, workdir / "fit_zero2", device),
