@@ -138,13 +138,14 @@ def variant_runner(model, tokenizer, name: str, args, direction: torch.Tensor):
 
 
 def timed(run, device: str):
+    """(output, wall seconds, this process's CPU seconds)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = run()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start, time.process_time() - cpu
 
 
 def measure_batch(model, tokenizer, args, batch: int, count: int, direction: torch.Tensor) -> dict:
@@ -160,9 +161,10 @@ def measure_batch(model, tokenizer, args, batch: int, count: int, direction: tor
         else:
             run = variant_runner(model, tokenizer, name, args, direction)
             runners[name] = [lambda chunk=chunk, run=run: run(chunk) for chunk in chunks]
-        results[name] = {"texts": [], "seconds": [float("inf")] * len(runners[name]), "tokens": 0}
+        fastest = [float("inf")] * len(runners[name])
+        results[name] = {"texts": [], "seconds": fastest, "cpu_seconds": list(fastest), "tokens": 0}
         for index, call in enumerate(runners[name]):  # warm-up; records texts and generated tokens
-            out, _ = timed(call, args.device)
+            out, _, _ = timed(call, args.device)
             texts, tokens = (out, None) if name == "lm-eval" else out
             results[name]["texts"] += texts
             results[name]["tokens"] = None if tokens is None else results[name]["tokens"] + tokens
@@ -171,16 +173,17 @@ def measure_batch(model, tokenizer, args, batch: int, count: int, direction: tor
         for index in range(len(chunks)):
             for name, calls in runners.items():
                 if index < len(calls):
-                    _, seconds = timed(calls[index], args.device)
-                    results[name]["seconds"][index] = min(results[name]["seconds"][index], seconds)
-    for name, record in results.items():
-        record["seconds"] = sum(record["seconds"])
+                    _, wall, cpu = timed(calls[index], args.device)
+                    for key, seconds in (("seconds", wall), ("cpu_seconds", cpu)):
+                        results[name][key][index] = min(results[name][key][index], seconds)
+    for record in results.values():
+        record["seconds"], record["cpu_seconds"] = sum(record["seconds"]), sum(record["cpu_seconds"])
         if record["tokens"] is None:  # lm-eval returns texts: its tokens are those of the same texts of ours
             same = BASELINE in results and results[BASELINE]["texts"] == record["texts"]
             record["tokens"] = results[BASELINE]["tokens"] if same else \
                 sum(len(tokenizer(t)["input_ids"]) for t in record["texts"])
         record["tokens_per_s"] = record["tokens"] / record["seconds"]
-        print(f"  {name}: {record['tokens']} tokens in {record['seconds']:.3f} s", flush=True)
+        record["tokens_per_cpu_s"] = record["tokens"] / record["cpu_seconds"]
     return results
 
 
@@ -194,7 +197,7 @@ def bandwidth(device: str) -> tuple[float, str]:
     x = torch.ones(2**28, device=device)  # 1 GiB of float32
     best = float("inf")
     for _ in range(3):
-        (_, seconds) = timed(lambda: float(x.sum()), device)
+        _, seconds, _ = timed(lambda: float(x.sum()), device)
         best = min(best, seconds)
     return x.numel() * 4 / best, f"measured: torch.sum over 1 GiB on {device}, fastest of 3"
 
@@ -220,38 +223,47 @@ def step_bytes(model, rows: int, mean_length: float, merged: bool) -> int:
     return int(total + rows * mean_length * kv)
 
 
-def report(batch: int, results: dict, limit: float) -> dict:
-    """Print one batch size's table and ratios; their figures."""
+#: The ratios reported, as (numerator variant, denominator variant; None: the bandwidth limit).
+RATIOS = {"static/plain (merged, eager)": ("static/merged/eager", "plain/merged/eager"),
+          "static/plain (merged, compiled)": ("static/merged/compiled", "plain/merged/compiled"),
+          "dynamic/plain (eager)": ("dynamic/one-pass/eager", "plain/merged/eager"),
+          "dynamic/plain (compiled)": ("dynamic/one-pass/compiled", "plain/merged/compiled"),
+          "dynamic one-pass/two-pass (eager)": ("dynamic/one-pass/eager", "dynamic/two-pass/eager"),
+          "plain merged/unmerged (eager)": ("plain/merged/eager", BASELINE),
+          "plain compiled/eager (merged)": ("plain/merged/compiled", "plain/merged/eager"),
+          "plain (unmerged, eager) / lm-eval": (BASELINE, "lm-eval"),
+          "plain (merged, compiled) / lm-eval": ("plain/merged/compiled", "lm-eval"),
+          "plain (merged, eager) / bandwidth limit": ("plain/merged/eager", None),
+          "plain (merged, compiled) / bandwidth limit": ("plain/merged/compiled", None)}
+
+
+def ratios_of(rate: dict[str, float], limit: float) -> dict[str, float]:
+    return {label: rate[a] / (limit if b is None else rate[b]) for label, (a, b) in RATIOS.items()
+            if a in rate and (b is None or b in rate)}
+
+
+def report(results: dict, limit: float, cpu: bool) -> dict:
+    """Print one batch size's table and ratios (on the CPU also by process CPU time, which does not
+    count waiting for a core on a shared machine); their figures."""
     base = results.get(BASELINE)
-    print(f"{'variant':<28} {'tokens':>7} {'seconds':>9} {'tokens/s':>10} {'vs ' + BASELINE:>28} "
-          f"{'texts = lm-eval':>16}")
+    print(f"{'variant':<28} {'tokens':>7} {'wall s':>8} {'tokens/s':>9} {'vs baseline':>12} {'CPU s':>8} "
+          f"{'tokens/s':>9} {'vs baseline':>12} {'texts = lm-eval':>16}")
     theirs = results.get("lm-eval", {}).get("texts")
-    for name, record in results.items():
-        ratio = record["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-        same = "" if theirs is None else f"{sum(a == b for a, b in zip(record['texts'], theirs))}/{len(theirs)}"
-        print(f"{name:<28} {record['tokens']:>7} {record['seconds']:>9.3f} {record['tokens_per_s']:>10.1f} "
-              f"{ratio:>27.3f}x {same:>16}")
-    rate = {name: record["tokens_per_s"] for name, record in results.items()}
-    ratios = {}
-    for label, (a, b) in {"static/plain (merged, eager)": ("static/merged/eager", "plain/merged/eager"),
-                          "static/plain (merged, compiled)": ("static/merged/compiled", "plain/merged/compiled"),
-                          "dynamic/plain (eager)": ("dynamic/one-pass/eager", "plain/merged/eager"),
-                          "dynamic/plain (compiled)": ("dynamic/one-pass/compiled", "plain/merged/compiled"),
-                          "dynamic one-pass/two-pass (eager)": ("dynamic/one-pass/eager", "dynamic/two-pass/eager"),
-                          "plain merged/unmerged (eager)": ("plain/merged/eager", BASELINE),
-                          "plain compiled/eager (merged)": ("plain/merged/compiled", "plain/merged/eager"),
-                          "plain (unmerged, eager) / lm-eval": (BASELINE, "lm-eval"),
-                          "plain (merged, compiled) / lm-eval": ("plain/merged/compiled", "lm-eval"),
-                          "plain (merged, eager) / bandwidth limit": ("plain/merged/eager", None),
-                          "plain (merged, compiled) / bandwidth limit": ("plain/merged/compiled", None)}.items():
-        if a in rate and (b is None or b in rate):
-            ratios[label] = rate[a] / (limit if b is None else rate[b])
-            print(f"  {label}: {ratios[label]:.3f}x")
+    for name, r in results.items():
+        wall = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        by_cpu = r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"] if base else float("nan")
+        same = "" if theirs is None else f"{sum(a == b for a, b in zip(r['texts'], theirs))}/{len(theirs)}"
+        print(f"{name:<28} {r['tokens']:>7} {r['seconds']:>8.3f} {r['tokens_per_s']:>9.1f} {wall:>11.3f}x "
+              f"{r['cpu_seconds']:>8.3f} {r['tokens_per_cpu_s']:>9.1f} {by_cpu:>11.3f}x {same:>16}")
+    ratios = ratios_of({n: r["tokens_per_s"] for n, r in results.items()}, limit)
+    ratios_cpu = ratios_of({n: r["tokens_per_cpu_s"] for n, r in results.items()}, limit) if cpu else {}
+    for label, value in ratios.items():
+        print(f"  {label}: {value:.3f}x" + (f" (by CPU time {ratios_cpu[label]:.3f}x)" if cpu else ""))
     if theirs is not None and BASELINE in results:
         assert results[BASELINE]["texts"] == theirs, "lm-eval's texts differ from plain/unmerged/eager's"
         print(f"  lm-eval's {len(theirs)} texts equal {BASELINE}'s (asserted)")
     return {"variants": {n: {k: v for k, v in r.items() if k != "texts"} for n, r in results.items()},
-            "ratios": ratios, "bandwidth_limit_tokens_per_s": limit}
+            "ratios": ratios, "ratios_by_cpu_time": ratios_cpu, "bandwidth_limit_tokens_per_s": limit}
 
 
 def goals(figures: dict) -> None:
@@ -304,7 +316,7 @@ def main() -> None:
         limit = batch / (read / speed)
         print(f"bandwidth limit: {read / 1e9:.3f} GB read per step (merged weights, KV at mid-length) / "
               f"{speed / 1e9:.1f} GB/s ({source}) = {limit:.1f} tokens/s at batch {batch}")
-        figures[batch] = report(batch, results, limit)
+        figures[batch] = report(results, limit, cpu=not args.device.startswith("cuda"))
     if args.device.startswith("cuda"):
         goals(figures)
     summary = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
