@@ -8,7 +8,8 @@ lacks from ``.whl/``, builds a Qwen2.5-1.5B-shaped random bfloat16 model, then r
 2. ``gpu_tests``: ``pytest -m gpu tests/test_gpu.py`` (bf16 scoring, packed vs padded, steered
    decoding, fit + test + predict under no strategy, DDP, ZeRO-2 and ZeRO-3 in both modes);
 3. ``extraction``: ``steering_extraction.py`` (our pass, the forward floor and the naive version);
-4. ``generation_batch_1`` / ``generation_batch_16``: decoding speed, plain / static / dynamic;
+4. ``generation_batch_1`` / ``generation_batch_16``: decoding speed of every variant (merged/unmerged,
+   compiled/eager, one/two passes) beside lm-eval's ``generate_until`` and the bandwidth limit (issue 28);
 5. ``truthfulqa_mc``: ``svdecode test`` against lm-evaluation-harness on generated questions.
 
     python3 benchmarks/device_check.py --out $OUT/device_check.json      # on the GPU machine
@@ -48,8 +49,13 @@ DRY = dict(QWEN_1_5B, hidden_size=64, intermediate_size=128, num_hidden_layers=2
            num_key_value_heads=2)
 #: Each step's own limit in seconds on the GPU (the dry run multiplies them by 4); the deadline bounds
 #: the sum. Expected H200 times are in benchmarks/README.md.
-BUDGET = {"build_model": 60, "fit_zero2": 150, "gpu_tests": 150, "extraction": 75, "generation_batch_1": 60,
-          "generation_batch_16": 60, "truthfulqa_mc": 100}
+BUDGET = {"build_model": 60, "fit_zero2": 150, "gpu_tests": 200, "extraction": 75, "generation_batch_1": 240,
+          "generation_batch_16": 240, "truthfulqa_mc": 100}
+
+
+#: The variants issue 28's goals compare (today's eager decoding, the compiled ones, lm-eval).
+GENERATION_VARIANTS = ["plain/unmerged/eager", "plain/merged/compiled", "static/merged/compiled",
+                       "dynamic/one-pass/eager", "dynamic/one-pass/compiled", "lm-eval"]
 
 
 def install_wheels(dry_run: bool, workdir: Path) -> dict:
@@ -185,7 +191,8 @@ def steps(model_dir: Path, workdir: Path, device: str, dry_run: bool) -> dict[st
     py = sys.executable
     seq_len = "64" if dry_run else "512"
     generation = [py, "benchmarks/generation.py", "--model", str(model_dir), "--device", device,
-                  "--dtype", "bfloat16", "--new-tokens", "8" if dry_run else "32"]
+                  "--dtype", "bfloat16" if device == "cuda" else "float32", "--new-tokens", "8" if dry_run else "64",
+                  "--repeat", "1", "--variants", *GENERATION_VARIANTS]
     mc_questions = write_mc_questions(workdir / "mc_task.json", 64)
     return {
         "fit_zero2": fit_commands(model_dir, workdir / "fit_zero2", device),
@@ -194,8 +201,10 @@ def steps(model_dir: Path, workdir: Path, device: str, dry_run: bool) -> dict[st
         "extraction": [[py, "benchmarks/steering_extraction.py", "--model-dir", str(model_dir), "--device", device,
                         "--dtype", "bfloat16", "--sizes", "4", "--naive-sizes", "4", "--time-size", "4",
                         "--seq-len", seq_len, "--repeat", "2"]],
-        "generation_batch_1": [[*generation, "--prompts", "4", "--batch", "1", "--repeat", "1"]],
-        "generation_batch_16": [[*generation, "--prompts", "16", "--batch", "16", "--repeat", "2"]],
+        "generation_batch_1": [[*generation, "--batches", "1", "--prompts", "2",
+                                "--json-out", str(workdir / "generation_batch_1.json")]],
+        "generation_batch_16": [[*generation, "--batches", "16", "--prompts", "16",
+                                 "--json-out", str(workdir / "generation_batch_16.json")]],
         "truthfulqa_mc": [[py, "benchmarks/truthfulqa_mc.py", "--model-dir", str(model_dir), "--device", device,
                            "--data", str(mc_questions), "--limit", "8" if dry_run else "32", "--repeats", "1",
                            "--lm-eval-python", py, "--skip-floor"]],
@@ -263,6 +272,8 @@ def main() -> None:
         step = run_step(name, commands, env, min(BUDGET[name] * (4 if args.dry_run else 1), left))
         if name == "fit_zero2":
             step["fit_end"] = fit_end_figures(args.workdir / "fit_zero2")
+        if name.startswith("generation") and (args.workdir / f"{name}.json").exists():
+            step["figures"] = json.loads((args.workdir / f"{name}.json").read_text())
         summary.record(name, step, time.perf_counter() - start)
     failed = summary.data["failed"]
     print(f"summary written to {args.out} after {time.perf_counter() - start:.0f} s; failed steps: {failed or 'none'}")

@@ -136,3 +136,16 @@ def flat_tokenizer(flat_model_dir):
 @pytest.fixture(scope="session")
 def prompts(flat_tokenizer) -> list[list[int]]:
     return [flat_tokenizer(t)["input_ids"] for t in PROMPT_TEXTS]
+
+
+@pytest.fixture
+def eager_steps(monkeypatch):
+    """Compiled decoding's static caches and fixed-width masks, with its steps run uncompiled (compiling
+    costs tens of seconds per shape on a CPU; tests/test_compiled.py compiles for real)."""
+    from svdecode_pl.evaluation import compiled, dynamic
+
+    def uncompiled(device):
+        return lambda decoder, **inputs: decoder(**inputs)
+
+    monkeypatch.setattr(compiled, "compiled_call", uncompiled)
+    monkeypatch.setattr(dynamic, "compiled_call", uncompiled)

@@ -27,6 +27,7 @@ def test_cpu_keeps_exact_packing() -> None:
     assert chosen.score_batch_tokens == 0
     assert chosen.generation_batch == 16
     assert chosen.device == "cpu" and "packing" in chosen.describe()
+    assert not chosen.compiled_decoding and "decoding eager" in chosen.describe()  # compiling costs more here
 
 
 def test_cuda_without_memory_reading_falls_back_to_packing() -> None:
@@ -37,6 +38,7 @@ def test_cuda_without_memory_reading_falls_back_to_packing() -> None:
 def test_cuda_budgets_fit_half_the_free_memory(free_gib: int) -> None:
     chosen = choose_evaluation_defaults("cuda:0", free_gib * GiB, QWEN_7B, dtype_bytes=2)
     assert chosen.device == "cuda"
+    assert chosen.compiled_decoding and "decoding compiled (static cache, CUDA graphs)" in chosen.describe()
     assert MIN_SCORE_TOKENS <= chosen.score_batch_tokens <= MAX_SCORE_TOKENS
     assert chosen.score_batch_tokens & (chosen.score_batch_tokens - 1) == 0  # a power of two
     if chosen.score_batch_tokens > MIN_SCORE_TOKENS:  # not clamped up: the estimate fits the share
@@ -76,7 +78,7 @@ def test_unset_options_are_chosen_printed_once_and_recorded(tmp_path, caplog) ->
         results = _test_run(tmp_path)
     chosen = results["evaluation_defaults"]
     assert chosen["device"] == "cpu" and chosen["score_batch_tokens"] == 0
-    assert chosen["attn_implementation"] == "sdpa"
+    assert chosen["attn_implementation"] == "sdpa" and chosen["compiled_decoding"] is False
     assert sum("evaluation defaults for cpu" in r.getMessage() for r in caplog.records) == 1
 
 

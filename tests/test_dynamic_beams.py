@@ -122,15 +122,17 @@ def test_prefix_tuning_beams_equal_an_uncached_beam_search(flat_model_dir, flat_
         assert torch.equal(generate_sequences(model, flat_tokenizer, [prompt], BEAMS, vector), expected)
 
 
-def _streams_after(model, mask, one_pass, prompt_ids, steps, reorder=None):
+def _streams_after(model, mask, one_pass, prompt_ids, steps, reorder=None, static=False):
     """(adapted, base) hidden states after feeding ``steps`` (one (rows,) tensor each), reordering
-    the beams by ``reorder`` before the last step."""
+    the beams by ``reorder`` before the last step (``static``: static caches, steps uncompiled)."""
     from contextlib import nullcontext
 
     from svdecode_pl.evaluation.dynamic import TwoStreams
 
-    with mixed_dynamic.mixed_streams(model, mask) if one_pass else nullcontext() as mixed, torch.no_grad():
-        streams = mixed or TwoStreams(model, mask)
+    length = prompt_ids.shape[1] + len(steps)
+    with mixed_dynamic.mixed_streams(model, mask, length, static) if one_pass else nullcontext() as mixed, \
+            torch.no_grad():
+        streams = mixed or TwoStreams(model, mask, length, static)
         streams.prefill(prompt_ids)
         for number, tokens in enumerate(steps):
             if reorder is not None and number == len(steps) - 1:
@@ -139,19 +141,22 @@ def _streams_after(model, mask, one_pass, prompt_ids, steps, reorder=None):
     return hidden
 
 
-@pytest.mark.parametrize(("adapter", "one_pass"), [("lora", True), ("lora", False), ("prefix_tuning", False)])
-def test_reorder_moves_both_caches_with_the_beams(flat_model_dir, flat_tokenizer, adapter, one_pass):
+@pytest.mark.parametrize(("adapter", "one_pass", "static"), [
+    ("lora", True, False), ("lora", False, False), ("prefix_tuning", False, False), ("lora", True, True),
+    ("ia3", False, True)])
+def test_reorder_moves_both_caches_with_the_beams(flat_model_dir, flat_tokenizer, adapter, one_pass, static,
+                                                   eager_steps):
     """After a reorder, each row continues the history of the beam it took: adapted and base
-    states as fresh streams fed the reordered histories."""
+    states as fresh streams fed the reordered histories (static caches: reordered in place)."""
     model = peft_model(flat_model_dir, adapter)
     assert not one_pass or mixed_dynamic.mixed_batch_support(model)[0]  # the one-pass streams run
     prompt_ids = torch.tensor([flat_tokenizer(PROMPT_TEXTS[0])["input_ids"]]).repeat(4, 1)
     mask = torch.ones_like(prompt_ids)
     first, second = torch.tensor([11, 22, 33, 44]), torch.tensor([5, 6, 7, 8])
     order = torch.tensor([2, 0, 0, 3])
-    reordered = _streams_after(model, mask, one_pass, prompt_ids, [first, second], reorder=order)
-    fresh = _streams_after(model, mask, one_pass, prompt_ids, [first[order], second])
+    reordered = _streams_after(model, mask, one_pass, prompt_ids, [first, second], reorder=order, static=static)
+    fresh = _streams_after(model, mask, one_pass, prompt_ids, [first[order], second], static=static)
     for got, expected in zip(reordered, fresh):
         torch.testing.assert_close(got, expected)
-    unordered = _streams_after(model, mask, one_pass, prompt_ids, [first, second])
+    unordered = _streams_after(model, mask, one_pass, prompt_ids, [first, second], static=static)
     assert not torch.allclose(reordered[1], unordered[1])  # the base state's history matters

@@ -157,3 +157,50 @@ def test_every_strategy_fits_tests_and_predicts(device, tmp_path) -> None:
             assert results["metrics"]["mc2"]["steered"] is not None, (name, mode)
             records = [json.loads(line) for line in (root / "predictions.jsonl").read_text().splitlines()]
             assert len(records) == 6 and all(len(r["scores"]["steered"]) == len(r["answers"]) for r in records)
+
+
+def test_compiled_decoding_equals_eager_and_replays(device) -> None:
+    """Compiled decoding on the device (``reduce-overhead``: CUDA graphs; static caches): greedy
+    tokens equal eager decoding's, plain and static on merged weights and dynamic in one pass, for a
+    first batch and for a second batch of other prompt lengths, which replays the recorded graphs
+    (the dynamic loop's cache is the same object); merged decoding leaves the weights as they were."""
+    import dataclasses
+
+    from svdecode_pl.evaluation import compiled
+    from svdecode_pl.evaluation.generation import GenerationSettings, generate_token_ids
+    from svdecode_pl.models.heads import hf_model, output_vocab_size
+    from svdecode_pl.steering.vector import SteeringVector
+
+    model, tok = _model(device, torch.float32)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    direction = torch.randn(output_vocab_size(model), generator=torch.Generator().manual_seed(1))
+    prompts = [tok(q)["input_ids"] for q in QUESTIONS]
+    eager = GenerationSettings(max_new_tokens=16, stop=[], compile=False)
+    on = dataclasses.replace(eager, compile=True)
+    for vector in (None, SteeringVector(direction, 5.0), SteeringVector(None, 50.0, mode="dynamic")):
+        for batch in (prompts, prompts[::-1]):
+            assert generate_token_ids(model, tok, batch, on, vector) == generate_token_ids(model, tok, batch, eager,
+                                                                                           vector)
+        if vector is not None and vector.needs_base_logits:
+            cache = compiled._held(hf_model(model).get_decoder())["mixed"]
+            generate_token_ids(model, tok, prompts, on, vector)
+            assert compiled._held(hf_model(model).get_decoder())["mixed"] is cache
+    assert all(torch.equal(weights[name], p) for name, p in model.named_parameters())
+
+
+def test_merged_weights_restored_from_host_copies(device, monkeypatch) -> None:
+    """Where the weights' copies do not fit the device (forced here), they wait in pinned host
+    memory: the same tokens, and the weights back bit for bit in their own storage."""
+    from svdecode_pl.evaluation import merged
+    from svdecode_pl.evaluation.generation import GenerationSettings, generate_token_ids
+
+    model, tok = _model(device, torch.float32)
+    weights = {name: (p.detach().clone(), p.data_ptr()) for name, p in model.named_parameters()}
+    prompts = [tok(q)["input_ids"] for q in QUESTIONS]
+    settings = GenerationSettings(max_new_tokens=8, stop=[], compile=False)
+    unmerged = generate_token_ids(model, tok, prompts, GenerationSettings(max_new_tokens=8, stop=[], compile=False,
+                                                                          merge_adapter=False))
+    monkeypatch.setattr(merged, "BACKUP_SHARE", 0.0)
+    assert generate_token_ids(model, tok, prompts, settings) == unmerged
+    assert merged._backup_on_host([next(model.parameters())]) == (device.type == "cuda")
+    assert all(torch.equal(weights[n][0], p) and weights[n][1] == p.data_ptr() for n, p in model.named_parameters())

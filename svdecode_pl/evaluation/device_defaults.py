@@ -5,6 +5,10 @@ unit-tested without the device. CPU keeps the exact packing (scores independent 
 questions share a pass); CUDA uses length-sorted padded batches sized from free memory, because a
 packed pass runs one attention call per question and layer, which on a GPU is a kernel launch each.
 
+Decoding is compiled (a static KV cache, a ``torch.compile``'d step replayed as a CUDA graph) on
+CUDA, where a small batch's step is bound by Python and kernel launches; on the CPU compiling costs
+more (tens of seconds per shape) than the steps it shortens.
+
 The CUDA budgets are estimates from the model's shapes (not yet measured on a GPU; see
 ``benchmarks/device_check.py``), deliberately using only half the free memory.
 """
@@ -35,6 +39,8 @@ class EvaluationDefaults:
     attn_implementation: str
     free_memory_bytes: int | None
     reason: str
+    compiled_decoding: bool = False
+    """Decoding compiled where ``generation.compile`` is ``auto`` (:func:`compiled_decoding_default`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,8 +49,10 @@ class EvaluationDefaults:
         """One line for the log."""
         tokens = self.score_batch_tokens
         scoring = "exact packing" if tokens == 0 else f"padded batches of {tokens} tokens"
+        decoding = "compiled (static cache, CUDA graphs)" if self.compiled_decoding else "eager"
         return (f"evaluation defaults for {self.device}: scoring by {scoring}, generation batch "
-                f"{self.generation_batch}, attention {self.attn_implementation} ({self.reason})")
+                f"{self.generation_batch}, attention {self.attn_implementation}, decoding {decoding} "
+                f"({self.reason})")
 
 
 def _shape(config: Any) -> tuple[int, int, int, int, int, int]:
@@ -82,6 +90,11 @@ def generation_bytes_per_sequence(config: Any, dtype_bytes: int = 2) -> float:
     return 2 * (2 * layers * kv_heads * head_dim * dtype_bytes * GENERATION_SEQUENCE_TOKENS) + 2 * vocab * 4
 
 
+def compiled_decoding_default(device: str) -> bool:
+    """Whether decoding compiles when ``generation.compile`` is ``auto``: on CUDA only."""
+    return str(device).split(":")[0] == "cuda"
+
+
 def choose_evaluation_defaults(
     device: str, free_memory_bytes: int | None, model_config: Any, dtype_bytes: int = 2
 ) -> EvaluationDefaults:
@@ -90,14 +103,15 @@ def choose_evaluation_defaults(
     if device_type != "cuda" or not free_memory_bytes:
         why = "CPU: exact packing, scores independent of the batch" if device_type != "cuda" else \
             "CUDA with unknown free memory: exact packing"
-        return EvaluationDefaults(device_type, 0, CPU_GENERATION_BATCH, "sdpa", free_memory_bytes, why)
+        return EvaluationDefaults(device_type, 0, CPU_GENERATION_BATCH, "sdpa", free_memory_bytes, why,
+                                  compiled_decoding_default(device_type))
     budget = free_memory_bytes * MEMORY_SHARE
     score_tokens = _power_of_two_floor(budget / scoring_bytes_per_token(model_config, dtype_bytes),
                                        MIN_SCORE_TOKENS, MAX_SCORE_TOKENS)
     batch = _power_of_two_floor(budget / generation_bytes_per_sequence(model_config, dtype_bytes),
                                 MIN_GENERATION_BATCH, MAX_GENERATION_BATCH)
     why = f"CUDA: padded batches sized to {MEMORY_SHARE:.0%} of {free_memory_bytes / 2**30:.1f} GiB free"
-    return EvaluationDefaults("cuda", score_tokens, batch, "sdpa", free_memory_bytes, why)
+    return EvaluationDefaults("cuda", score_tokens, batch, "sdpa", free_memory_bytes, why, True)
 
 
 def free_memory_of(device: Any) -> int | None:

@@ -1,13 +1,14 @@
-"""Dynamic steering's own decoding loop: the adapted and the base model side by side, each
-with its key/value cache, the direction recomputed from both logits at every step; greedy,
-sampling, or beam search (:mod:`.dynamic_beams`, both caches reordered with the beams)."""
+"""Dynamic steering's own decoding loop: the adapted and the base model side by side (LoRA: as one
+doubled batch, :mod:`.mixed_dynamic`), with their key/value caches (dynamic, or static with compiled
+steps, :mod:`.compiled`), the direction recomputed from both logits at every step; greedy,
+sampling, or beam search (:mod:`.dynamic_beams`, the caches reordered with the beams)."""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,9 +18,10 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from svdecode_pl.evaluation.compiled import cache_capacity, cache_keyword, compiled_call, reorder_cache, static_cache
 from svdecode_pl.evaluation.dynamic_beams import beam_search
 from svdecode_pl.evaluation.generation_settings import GenerationSettings, sampling_warpers
-from svdecode_pl.models.heads import hf_model, hidden_states_as_logits, is_peft_model, is_prompt_learning
+from svdecode_pl.models.heads import hf_model, is_peft_model, is_prompt_learning
 from svdecode_pl.steering.vector import SteeringVector
 
 
@@ -33,13 +35,6 @@ class DynamicDecodeOutput:
     """Per step, the adapted model's (B, V) float32 logits (with ``keep_logits`` only)."""
     base_logits: list[torch.Tensor] = field(default_factory=list)
     """Per step, the pre-trained model's (B, V) float32 logits (with ``keep_logits`` only)."""
-
-
-def reorder_cache(cache: Any, beam_idx: torch.Tensor) -> None:
-    """Keep the cache rows of the surviving beams, in their new order (as ``generate`` does)."""
-    if not hasattr(cache, "reorder_cache"):
-        raise ValueError(f"beam search needs a reorderable KV cache, got {type(cache).__name__}")
-    cache.reorder_cache(beam_idx)
 
 
 def positions_of(mask: torch.Tensor) -> torch.Tensor:
@@ -78,60 +73,69 @@ class AdapterSwitch:
 class CachedStream:
     """One model state (adapted or pre-trained) decoding a left-padded batch with its own KV cache.
 
+    Eager: a dynamic cache and a mask growing by one column per step, as ``generate`` keeps them.
+    Compiled (``compiled``): a static cache (:func:`~.compiled.static_cache`) and a mask of its fixed
+    width (the prompt's padding, then ones: causality hides the positions not written yet), so every
+    step has the same shapes and runs :func:`~.compiled.compiled_call`; the prefill stays eager.
     Prompt Tuning / P-Tuning put their virtual tokens in front of the batch (``virtual_tokens``
     columns of mask, positions counted from them, as PEFT's forward does for one unpadded row);
-    Prefix Tuning puts them in the cache. The pre-trained state sees the real tokens only.
-    Each pass returns the last position's final hidden states: the caller applies the output
-    head to both states at once (:func:`dynamic_steered_decode`).
+    Prefix Tuning puts them in the cache (both eager only). The pre-trained state sees the real tokens only.
+    Each pass returns the last position's final hidden states (the decoder's output): the caller
+    applies the output head to both states at once (:func:`dynamic_steered_decode`).
     """
 
-    def __init__(self, model: nn.Module, adapted: bool, attention_mask: torch.Tensor) -> None:
-        self.model = model
-        self.adapted = adapted
-        self.inner = hf_model(model)
+    def __init__(self, model: nn.Module, adapted: bool, attention_mask: torch.Tensor, max_length: int,
+                 compiled: bool = False, slot: str | None = None) -> None:
+        self.model, self.adapted = model, adapted
+        self.decoder = hf_model(model).get_decoder()
+        self.cache_keyword = cache_keyword(self.decoder)
         self.prompt_learning = adapted and is_prompt_learning(model)
         self.virtual_tokens = model.active_peft_config.num_virtual_tokens if self.prompt_learning else 0
         batch = attention_mask.shape[0]
-        ones = attention_mask.new_ones(batch, self.virtual_tokens)
-        full = torch.cat([ones, attention_mask], dim=1)
-        # generate drops an all-ones mask (no padding): do the same, for the same kernels
-        self.mask: torch.Tensor | None = None if bool(attention_mask.all()) else full
-        self.next_position = positions_of(full)[:, -1:] + 1
+        full = torch.cat([attention_mask.new_ones(batch, self.virtual_tokens), attention_mask], dim=1)
         self.prefill_positions = positions_of(full)
-        self.cache: Any = None
-        keep = "logits_to_keep" in inspect.signature(self.inner.forward).parameters
-        self.extra = {"logits_to_keep": 1} if keep else {}
+        self.next_position = self.prefill_positions[:, -1:] + 1
+        self.compiled = compiled and not self.prompt_learning
+        self.step_call: Any = self.decoder
+        if self.compiled:
+            self.cache = static_cache(model, slot or ("adapted" if adapted else "base"), batch, max_length)
+            self.mask: torch.Tensor | None = torch.cat(
+                [full, full.new_ones(batch, cache_capacity(self.cache) - full.shape[1])], dim=1)
+            self.step_call = partial(compiled_call(full.device), self.decoder)
+        else:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=hf_model(model).config.get_text_config(decoder=True))
+            # generate drops an all-ones mask (no padding): do the same, for the same kernels
+            self.mask = None if bool(attention_mask.all()) else full
         self.switch = AdapterSwitch(model) if not adapted and is_peft_model(model) else None
 
-    def _forward(self, **inputs: Any) -> torch.Tensor:
+    def _forward(self, call: Any, **inputs: Any) -> torch.Tensor:
         switch = contextlib.nullcontext() if self.switch is None else self.switch.off()
-        with switch, hidden_states_as_logits(self.model):
-            # the adapted state of LoRA / IA3 runs through the PeftModel; prompt learning and the
-            # base state call the transformers model (virtual tokens are handled here)
-            runner = self.model if self.adapted and not self.prompt_learning else self.inner
-            out = runner(attention_mask=self.mask, past_key_values=self.cache, use_cache=True, **inputs, **self.extra)
-        self.cache = out.past_key_values
-        return out.logits[:, -1]
+        with switch:
+            out = call(attention_mask=self.mask, use_cache=True, **{self.cache_keyword: self.cache}, **inputs)
+        hidden = out.last_hidden_state[:, -1]
+        return hidden.clone() if self.compiled else hidden  # a CUDA graph's output is overwritten by its next replay
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Encode the prompts; the last position's hidden states."""
         positions = self.prefill_positions
         if not self.prompt_learning:
-            return self._forward(input_ids=input_ids, position_ids=positions)
+            return self._forward(self.decoder, input_ids=input_ids, position_ids=positions)
         peft_model = self.model
         batch = input_ids.shape[0]
         if peft_model.active_peft_config.peft_type == "PREFIX_TUNING":
             self.cache = peft_model.get_prompt(batch, max_cache_len=input_ids.shape[1] + self.virtual_tokens)
-            return self._forward(input_ids=input_ids, position_ids=positions[:, self.virtual_tokens :])
-        embeds = self.inner.get_input_embeddings()(input_ids)
+            return self._forward(self.decoder, input_ids=input_ids, position_ids=positions[:, self.virtual_tokens :])
+        embeds = hf_model(peft_model).get_input_embeddings()(input_ids)
         prompts = peft_model.get_prompt(batch_size=batch).to(embeds.dtype)
-        return self._forward(inputs_embeds=torch.cat([prompts, embeds], dim=1), position_ids=positions)
+        return self._forward(self.decoder, inputs_embeds=torch.cat([prompts, embeds], dim=1), position_ids=positions)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one new token per row (B,); the hidden states that predict the next one."""
-        if self.mask is not None:
+        if self.mask is not None and not self.compiled:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        hidden = self._forward(input_ids=tokens[:, None], position_ids=self.next_position)
+        hidden = self._forward(self.step_call, input_ids=tokens[:, None], position_ids=self.next_position)
         self.next_position = self.next_position + 1
         return hidden
 
@@ -143,9 +147,9 @@ class CachedStream:
 class TwoStreams:
     """The adapted and the base state as two :class:`CachedStream` passes (any adapter)."""
 
-    def __init__(self, model: nn.Module, attention_mask: torch.Tensor) -> None:
-        self.adapted = CachedStream(model, True, attention_mask)
-        self.base = CachedStream(model, False, attention_mask)
+    def __init__(self, model: nn.Module, attention_mask: torch.Tensor, max_length: int, compiled: bool) -> None:
+        self.adapted = CachedStream(model, True, attention_mask, max_length, compiled)
+        self.base = CachedStream(model, False, attention_mask, max_length, compiled)
 
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapted.prefill(input_ids), self.base.prefill(input_ids)
@@ -169,6 +173,7 @@ def dynamic_steered_decode(
     pad_id: int,
     keep_logits: bool = False,
     one_pass: bool = True,
+    compiled: bool = False,
 ) -> DynamicDecodeOutput:
     """Greedy, sampled or beam-search decoding of a left-padded batch with steering recomputed at every step.
 
@@ -179,20 +184,30 @@ def dynamic_steered_decode(
     as ``generate`` would choose it from logits (same warpers, same ``multinomial`` draw, pad
     after a row has stopped; under beam search, the same scoring of log_softmax of the steered
     logits, see :mod:`.dynamic_beams`), so a zero ``mu`` gives ``generate``'s tokens. With
-    ``one_pass`` and a LoRA adapter both states run in one forward of a doubled batch (:mod:`.mixed_dynamic`).
-    With beams, ``keep_logits`` keeps each step's logits of the running beams (B * num_beams rows).
+    ``one_pass`` and a LoRA adapter both states run in one forward of a doubled batch, each LoRA
+    layer's update masked per row (:mod:`.mixed_dynamic`). ``compiled``: static caches and
+    compiled steps (:mod:`.compiled`). With beams, ``keep_logits`` keeps each step's logits of the
+    running beams (B * num_beams rows).
     """
-    from svdecode_pl.evaluation.mixed_dynamic import mixed_streams
+    from svdecode_pl.evaluation.mixed_dynamic import RowMaskUnsupported, mixed_streams
 
     if settings.num_beams > 1:  # every prompt once per beam, as ``generate`` expands its inputs
         input_ids = input_ids.repeat_interleave(settings.num_beams, dim=0)
         attention_mask = attention_mask.repeat_interleave(settings.num_beams, dim=0)
-    with mixed_streams(model, attention_mask) if one_pass else contextlib.nullcontext() as mixed:
-        streams = mixed or TwoStreams(model, attention_mask)
-        return _decode(model, streams, input_ids, settings, steering, criteria, pad_id, keep_logits)
+    max_length = input_ids.shape[1] + settings.max_new_tokens
+    decode = partial(_decode, model, input_ids=input_ids, settings=settings, steering=steering, criteria=criteria,
+                     pad_id=pad_id, keep_logits=keep_logits)
+    if one_pass:
+        try:
+            with mixed_streams(model, attention_mask, max_length, compiled) as mixed:
+                if mixed is not None:
+                    return decode(mixed)
+        except RowMaskUnsupported:  # found in the prefill, before any token was drawn
+            pass
+    return decode(TwoStreams(model, attention_mask, max_length, compiled))
 
 
-def _decode(model: nn.Module, streams: Any, input_ids: torch.Tensor, settings: GenerationSettings,
+def _decode(model: nn.Module, streams: Any, *, input_ids: torch.Tensor, settings: GenerationSettings,
             steering: SteeringVector, criteria: StoppingCriteriaList, pad_id: int,
             keep_logits: bool) -> DynamicDecodeOutput:
     """The token loop of :func:`dynamic_steered_decode` over either kind of streams."""

@@ -3,8 +3,12 @@
 - no vector: plain ``generate``;
 - a static vector: ``generate`` with :class:`SteeringLogitsProcessor` (greedy, sampling, beams);
 - a dynamic vector: :func:`dynamic_steered_decode`, a loop of our own that runs the adapted and
-  the pre-trained model once per step, each with its own KV cache (greedy, sampling, beams: both
-  caches reordered with the beams).
+  the pre-trained model once per step (LoRA: as one doubled batch), with their KV caches (greedy,
+  sampling, beams: the caches reordered with the beams).
+
+Plain and static decoding of a LoRA / IA3 model run on the adapter merged into the weights
+(:mod:`.merged`, restored exactly afterwards); with ``compile`` (by default on CUDA) every strategy
+decodes with a static KV cache and compiled steps (:mod:`.compiled`).
 
 Decoding is determined by :class:`GenerationSettings` alone: a checkpoint's generation_config
 cannot switch on a processor (repetition penalty, top-k 50, suppressed tokens, ...).
@@ -13,6 +17,7 @@ cannot switch on a processor (repetition penalty, top-k 50, suppressed tokens, .
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,8 +31,11 @@ from transformers import (
 )
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
+from svdecode_pl.evaluation.compiled import cache_length, compile_config, compile_support
+from svdecode_pl.evaluation.device_defaults import compiled_decoding_default
 from svdecode_pl.evaluation.dynamic import dynamic_steered_decode
 from svdecode_pl.evaluation.generation_settings import BEAM_EARLY_STOPPING, BEAM_LENGTH_PENALTY, GenerationSettings
+from svdecode_pl.evaluation.merged import merged_adapter
 from svdecode_pl.models.heads import hf_model
 from svdecode_pl.steering.processor import SteeringLogitsProcessor
 from svdecode_pl.steering.vector import SteeringVector
@@ -81,11 +89,17 @@ def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device) -> 
     return input_ids.to(device), attention_mask.to(device)
 
 
-def generation_config(settings: GenerationSettings, eos_ids: list[int], pad_id: int) -> GenerationConfig:
+def generation_config(settings: GenerationSettings, eos_ids: list[int], pad_id: int,
+                      compiled_on: torch.device | None = None, prompt_length: int = 0) -> GenerationConfig:
     """The GenerationConfig of the settings, every value set: unset (None) fields would be
-    filled from the checkpoint's generation_config or transformers' defaults (top_k=50)."""
+    filled from the checkpoint's generation_config or transformers' defaults (top_k=50).
+    ``compiled_on`` a device: a static cache (sized in steps, so batches share compiled shapes) and
+    transformers' compiled decoding steps."""
     # the warpers (temperature, top-k/p, ...) only run when sampling; set them only then, as
     # transformers warns about sampling flags without sampling
+    compiled = {} if compiled_on is None else dict(
+        cache_implementation="static", compile_config=compile_config(compiled_on),
+        max_cache_len=cache_length(prompt_length + settings.max_new_tokens))
     warpers = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, typical_p=1.0,
                    epsilon_cutoff=0.0, eta_cutoff=0.0) if settings.do_sample else {}
     return GenerationConfig(
@@ -94,7 +108,7 @@ def generation_config(settings: GenerationSettings, eos_ids: list[int], pad_id: 
         encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
         length_penalty=BEAM_LENGTH_PENALTY, early_stopping=BEAM_EARLY_STOPPING, renormalize_logits=False,
         remove_invalid_values=False, guidance_scale=1.0,
-        pad_token_id=pad_id, eos_token_id=eos_ids, use_cache=True,
+        pad_token_id=pad_id, eos_token_id=eos_ids, use_cache=True, **compiled,
     )
 
 
@@ -135,6 +149,16 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
+def decoding_compiled(model: nn.Module, settings: GenerationSettings, device: torch.device) -> bool:
+    """``settings.compile`` resolved (``auto``: the device's default), False where the model cannot
+    compile (with a warning when the user asked for it)."""
+    wanted = settings.compile if isinstance(settings.compile, bool) else compiled_decoding_default(device.type)
+    supported, why = compile_support(model)
+    if wanted and not supported and settings.compile is True:
+        warnings.warn(f"generation.compile: decoding eagerly, {why}", stacklevel=3)
+    return wanted and supported
+
+
 @torch.no_grad()
 def generate_sequences(
     model: nn.Module,
@@ -148,20 +172,21 @@ def generate_sequences(
     pad_id = tokenizer.pad_token_id
     input_ids, attention_mask = left_padded(prompts, pad_id, device)
     eos_ids = stop_token_ids(model, tokenizer)
+    compiled = decoding_compiled(model, settings, device)
     with seeded(settings.seed, device):
         if steering is not None and steering.needs_base_logits:
             criteria = stopping_criteria(tokenizer, settings, input_ids.shape[1], eos_ids)
-            out = dynamic_steered_decode(model, input_ids, attention_mask, settings, steering, criteria, pad_id)
+            out = dynamic_steered_decode(model, input_ids, attention_mask, settings, steering, criteria, pad_id,
+                                         compiled=compiled)
             return out.sequences
         processors = LogitsProcessorList()
         if steering is not None:
             processors.append(SteeringLogitsProcessor(steering))
-        with checkpoint_defaults_ignored(model):
-            return model.generate(
-                input_ids=input_ids, attention_mask=attention_mask,
-                generation_config=generation_config(settings, eos_ids, pad_id), logits_processor=processors,
-                stopping_criteria=stopping_criteria(tokenizer, settings, input_ids.shape[1]),
-            )
+        config = generation_config(settings, eos_ids, pad_id, device if compiled else None, input_ids.shape[1])
+        criteria = stopping_criteria(tokenizer, settings, input_ids.shape[1])
+        with checkpoint_defaults_ignored(model), merged_adapter(model, settings.merge_adapter):
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                  logits_processor=processors, stopping_criteria=criteria)
 
 
 def generate_token_ids(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from transformers import (
     LogitsProcessorList,
@@ -39,6 +40,12 @@ class GenerationSettings:
     """Stop strings (lm-eval truthfulqa_gen's ``until``): the text is cut at the first one; EOS always stops."""
     seed: int | None = None
     """Sampling seed: the same seed gives the same samples (None: the global generator as it is)."""
+    compile: bool | Literal["auto"] = "auto"
+    """Compiled decoding: a static KV cache and a ``torch.compile``'d step (CUDA graphs on a GPU);
+    ``auto``: on CUDA only (the device default, printed and recorded in results.json)."""
+    merge_adapter: bool = True
+    """Plain and static-steered decoding of a LoRA / IA3 model on the adapter merged into the weights
+    (restored exactly afterwards); dynamic steering always runs unmerged."""
 
     def __post_init__(self) -> None:
         """A bad value is the user's (``OptionError``: one line from ``svdecode``, exit status 2)."""
@@ -48,6 +55,8 @@ class GenerationSettings:
             (not 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k < 0, f"top_k must be >= 0 (0: off), got {self.top_k}"),
             (self.num_beams < 1, f"num_beams must be >= 1, got {self.num_beams}"),
+            (not (self.compile == "auto" or isinstance(self.compile, bool)),
+             f"compile must be auto, true or false, got {self.compile!r}"),
         ]
         for failed, message in problems:
             if failed:
