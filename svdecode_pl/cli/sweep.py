@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from svdecode_pl.cli.checks import load_yaml_strictly
 from svdecode_pl.utils.errors import DataFormatError
 
 STAGES = ("fit", "test", "predict")
@@ -91,7 +92,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml_strictly(path.read_text(encoding="utf-8"), str(path))  # a key given twice: one line
     except yaml.YAMLError as err:
         raise DataFormatError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(raw, dict) or "runs_dir" not in raw:

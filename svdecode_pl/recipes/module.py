@@ -19,7 +19,7 @@ from svdecode_pl.evaluation.evaluator import Evaluator
 from svdecode_pl.evaluation.items import VARIANTS, Record
 from svdecode_pl.evaluation.settings import EvaluationSettings, ScoringSettings
 from svdecode_pl.metrics.per_question import QuestionTable
-from svdecode_pl.models.adapters import initialize_adapter, load_checked_adapter, save_adapter
+from svdecode_pl.models.adapters import check_peft_method, initialize_adapter, load_checked_adapter, save_adapter
 from svdecode_pl.models.heads import hf_model, output_vocab_size, target_hidden_states
 from svdecode_pl.models.loading import DType, load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from svdecode_pl.models.zero import hf_zero3_loading
@@ -36,6 +36,10 @@ from svdecode_pl.results.payload import (
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.errors import OptionError
 from svdecode_pl.utils.seeding import run_seed
+from svdecode_pl.utils.validation import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_values
+
+MODULE_RULES = {"learning_rate": POSITIVE, "weight_decay": NON_NEGATIVE, "chunk_tokens": POSITIVE_INT,
+                "score_batch_tokens": COUNT.or_none()}
 
 
 class SVDecodeModule(LightningModule):
@@ -92,6 +96,10 @@ class SVDecodeModule(LightningModule):
                 a torch optimizer there), see :func:`svdecode_pl.recipes.optimizer.build_optimizer`.
         """
         super().__init__()
+        check_values("--model.", {"learning_rate": learning_rate, "weight_decay": weight_decay,
+                                  "chunk_tokens": chunk_tokens, "score_batch_tokens": score_batch_tokens},
+                     MODULE_RULES)
+        check_peft_method(peft)
         self.save_hyperparameters(ignore=["peft"])
         # the adapter config is recorded by LightningCLI's config.yaml and PEFT's adapter_config.json
         self.peft_config = peft

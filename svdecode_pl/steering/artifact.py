@@ -22,6 +22,7 @@ from torch import nn
 from svdecode_pl.models.heads import output_vocab_size
 from svdecode_pl.models.loading import DType, load_causal_lm
 from svdecode_pl.steering.processor import SteeringLogitsProcessor
+from svdecode_pl.steering.values import check_steering_values
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.errors import AdapterError, SteeringArtifactError
 
@@ -95,6 +96,7 @@ def load_steered(path: str | Path, base_model: str | None = None, dtype: DType =
     before the artifact existed (``<run>/adapter`` + ``<run>/steering``) load the same way."""
     from peft import PeftModel
 
+    check_steering_values("load_steered: ", mu=mu)
     path = Path(path)
     model = PeftModel.from_pretrained(load_causal_lm(base_model or adapter_base_model(path), dtype), str(path))
     model.eval()

@@ -28,6 +28,18 @@ from svdecode_pl.models.loading import load_tokenizer, resolve_name_or_path
 from svdecode_pl.tasks.resumable import ResumableDataLoader
 from svdecode_pl.utils.errors import DataFormatError
 from svdecode_pl.utils.seeding import run_seed
+from svdecode_pl.utils.validation import COUNT, POSITIVE_INT, UNIT_INTERVAL, check_values
+
+#: the rules of the task data modules' numeric options (one name, one rule, whichever task has it)
+TASK_RULES = {"batch_size": POSITIVE_INT, "eval_batch_size": POSITIVE_INT, "num_workers": COUNT,
+              "synthetic_questions": COUNT, "limit": POSITIVE_INT.or_none(), "limit_train": POSITIVE_INT.or_none(),
+              "limit_test": POSITIVE_INT.or_none(), "val_size": COUNT, "max_new_tokens": POSITIVE_INT,
+              "train_fraction": UNIT_INTERVAL, "val_fraction": UNIT_INTERVAL}
+
+
+def check_task_values(arguments: dict[str, Any]) -> None:
+    """A data module's ``__init__`` arguments (its ``locals()``) that have a rule in :data:`TASK_RULES`."""
+    check_values("--data.", {k: v for k, v in arguments.items() if k in TASK_RULES}, TASK_RULES)
 
 Split = Literal["train", "validation", "test"]
 

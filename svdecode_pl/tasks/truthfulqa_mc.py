@@ -17,6 +17,7 @@ from svdecode_pl.tasks.base import (
     LMExample,
     Split,
     TaskDataModule,
+    check_task_values,
     collate_items,
     collate_lm,
     lm_loader,
@@ -105,6 +106,7 @@ class TruthfulQADataModule(TaskDataModule):
             num_workers: DataLoader workers.
         """
         super().__init__()
+        check_task_values(locals())
         if not 0.0 <= train_fraction <= 1.0 or not 0.0 <= val_fraction <= 1.0 - train_fraction:
             raise OptionError(f"--data.train_fraction {train_fraction}, --data.val_fraction {val_fraction}: need "
                               "0 <= train_fraction <= 1 and 0 <= val_fraction <= 1 - train_fraction")

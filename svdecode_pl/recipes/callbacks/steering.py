@@ -19,6 +19,7 @@ from svdecode_pl.recipes.host import SteeringHost
 from svdecode_pl.steering.artifact import save_artifact
 from svdecode_pl.steering.calibration import SteeringStatistics
 from svdecode_pl.steering.estimates import DEFAULT_ESTIMATE, FILTER_THRESHOLD, EstimateName, chosen_strength
+from svdecode_pl.steering.values import check_steering_values
 from svdecode_pl.steering.vector import SteeringMode, SteeringVector
 
 
@@ -77,6 +78,8 @@ class SteeringVectorCallback(Callback):
         super().__init__()
         if mode not in ("static", "dynamic"):
             raise ValueError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+        check_steering_values("--steering.", mu=mu, mu_scale=mu_scale, confidence_threshold=confidence_threshold,
+                              eps=eps, filter_threshold=filter_threshold, mu_grid=mu_grid or [])
         self.mode: SteeringMode = mode
         self.confidence_threshold = confidence_threshold
         self.eps = eps
