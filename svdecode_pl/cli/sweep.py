@@ -128,6 +128,14 @@ def stage_command(point: SweepPoint, stage: str, run_dir: Path, executable: list
     return command
 
 
+def fit_finished(run_dir: Path) -> bool:
+    """A point's fit wrote its run (the vector is the fit end's last file; without steering, the adapter
+    and no checkpoint to continue): a second fit into the directory is refused, so it is skipped."""
+    vector = (run_dir / "steering" / "steering_vector.json").is_file()
+    adapter = (run_dir / "adapter" / "adapter_config.json").is_file()
+    return vector or (adapter and not (run_dir / "checkpoints" / "last.ckpt").is_file())
+
+
 def run_point(spec: SweepSpec, point: SweepPoint, executable: list[str]) -> bool:
     """Run a point's stages unless its results exist; True if it ran."""
     run_dir = point.run_dir(spec.runs_dir)
@@ -136,6 +144,9 @@ def run_point(spec: SweepSpec, point: SweepPoint, executable: list[str]) -> bool
         return False
     run_dir.mkdir(parents=True, exist_ok=True)
     for stage in spec.stages:
+        if stage == "fit" and fit_finished(run_dir):
+            print(f"sweep: {point.name}: fit done already (adapter and vector written), skipped", flush=True)
+            continue
         command = stage_command(point, stage, run_dir, executable)
         print(f"sweep: {point.name}: {shlex.join(command[len(executable):])}", flush=True)
         with (run_dir / f"{stage}.log").open("a") as log:

@@ -13,7 +13,7 @@ from torch import nn
 
 from svdecode_pl.models.loading import resolve_name_or_path
 from svdecode_pl.models.zero import gathered, zero3_enabled
-from svdecode_pl.utils.errors import AdapterError, one_line
+from svdecode_pl.utils.errors import AdapterError, CheckpointError, one_line
 from svdecode_pl.utils.files import atomic_directory
 
 _CONFIG_FILE = "adapter_config.json"
@@ -102,6 +102,28 @@ def load_checked_adapter(model: nn.Module, path: str | Path, name_or_path: str, 
         raise AdapterError(
             f"{path}: adapter of {config.get('base_model_name_or_path')!r} does not fit --model.name_or_path "
             f"{name_or_path!r}: {detail}") from None
+
+
+def check_checkpoint_weights(model: nn.Module, state_dict: dict[str, Any], source: Any) -> None:
+    """The weights of a checkpoint (only the trainable ones are saved) are this model's trainable
+    weights, name for name and shape for shape; else one line. Lightning loads non-strictly (the
+    frozen base weights are not in the checkpoint), so another model's or PEFT method's weights
+    would otherwise be skipped without a word and the run go on from a fresh adapter."""
+    trainable = {f"model.{name}": p for name, p in model.named_parameters() if p.requires_grad}
+    if not state_dict and not trainable:
+        return
+    missing = sorted(set(trainable) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(trainable))
+    if unexpected or missing:
+        what = f"its weight {unexpected[0]!r} is not" if unexpected else f"this model's {missing[0]!r} is not in it"
+        raise CheckpointError(f"--ckpt_path {source}: a checkpoint of another model or PEFT method ({what} among "
+                              f"this model's {len(trainable)} trainable weights)")
+    for name, tensor in state_dict.items():
+        parameter = trainable[name]
+        shape, own = tuple(getattr(tensor, "shape", ())), tuple(getattr(parameter, "ds_shape", parameter.shape))
+        if shape and shape != own:  # (ZeRO-3 keeps a parameter's full shape in ds_shape)
+            raise CheckpointError(f"--ckpt_path {source}: weight {name!r} has shape {shape}, this model's "
+                                  f"{own}: a checkpoint of another model")
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

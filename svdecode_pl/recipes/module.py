@@ -19,7 +19,13 @@ from svdecode_pl.evaluation.evaluator import Evaluator
 from svdecode_pl.evaluation.items import VARIANTS, Record
 from svdecode_pl.evaluation.settings import EvaluationSettings, ScoringSettings
 from svdecode_pl.metrics.per_question import QuestionTable
-from svdecode_pl.models.adapters import check_peft_method, initialize_adapter, load_checked_adapter, save_adapter
+from svdecode_pl.models.adapters import (
+    check_checkpoint_weights,
+    check_peft_method,
+    initialize_adapter,
+    load_checked_adapter,
+    save_adapter,
+)
 from svdecode_pl.models.heads import hf_model, output_vocab_size, target_hidden_states
 from svdecode_pl.models.loading import DType, load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from svdecode_pl.models.zero import hf_zero3_loading
@@ -214,8 +220,13 @@ class SVDecodeModule(LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # dropout masks after a resume are those of an uninterrupted run
         checkpoint["torch_rng_state"] = torch.get_rng_state()
+        # what the checkpoint belongs to, checked before a resume loads anything (cli/run_directory.py)
+        checkpoint["svdecode_run"] = {"name_or_path": self.hparams.name_or_path,
+                                      "peft": None if self.peft_config is None else type(self.peft_config).__name__}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" in checkpoint:
+            check_checkpoint_weights(self.model, checkpoint["state_dict"], self.trainer.ckpt_path)
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
 
@@ -274,6 +285,8 @@ class SVDecodeModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         datamodule = self.datamodule
         ids, groups, values = self.eval_table.compute()
+        # torchmetrics squeezes a one-element output to 0-d: one test question would index a 0-d mask
+        ids, groups = ids.reshape(-1), groups.reshape(-1)
         table = self.eval_table
         metrics, per_group = table_metrics(datamodule.metric_names, table.columns, table.groups, groups, values)
         for name, by_variant in metrics.items():

@@ -17,7 +17,7 @@ from svdecode_pl.evaluation.generation_settings import GenerationSettings
 from svdecode_pl.evaluation.items import GenerationItem
 from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule, check_task_values, seeded_splits
 from svdecode_pl.tasks.readers import read_json_rows
-from svdecode_pl.utils.errors import DataFormatError, OptionError
+from svdecode_pl.utils.errors import DataFormatError
 
 
 @dataclass
@@ -116,9 +116,6 @@ class PromptCompletionDataModule(TaskDataModule):
         """
         super().__init__()
         check_task_values(locals())
-        if not 0.0 <= train_fraction <= 1.0 or not 0.0 <= val_fraction <= 1.0 - train_fraction:
-            raise OptionError(f"--data.train_fraction {train_fraction}, --data.val_fraction {val_fraction}: need "
-                              "0 <= train_fraction <= 1 and 0 <= val_fraction <= 1 - train_fraction")
         self.save_hyperparameters()
         self.generation = generation or GenerationSettings(max_new_tokens=64, stop=["\n"])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,10 @@ class AdapterError(UserInputError, ValueError):
     """A PEFT adapter directory that cannot be loaded onto the model."""
 
 
+class CheckpointError(UserInputError, ValueError):
+    """A ``--ckpt_path`` that is no Lightning checkpoint of this model and PEFT method."""
+
+
 class ModelPathError(UserInputError, OSError):
     """A model or tokenizer that cannot be found or loaded from ``--model.name_or_path``."""
 
@@ -63,6 +68,14 @@ def _raised_in(error: BaseException, prefixes: tuple[str, ...]) -> bool:
         return False
     module = frames[-1].filename.replace(os.sep, ".")
     return any(f".{prefix}" in module for prefix in prefixes)
+
+
+def user_warning(message: str) -> None:
+    """One line on stderr, ``svdecode: warning: ...``, from the first process only: something the
+    run did to the user's input (e.g. cut a prompt to fit the model), said once, without a traceback."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    if all(os.environ.get(name, "0") in ("", "0") for name in ranks):
+        print(f"svdecode: warning: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def one_line(text: str) -> str:
