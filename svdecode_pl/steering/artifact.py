@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from svdecode_pl.models.loading import DType, load_causal_lm
 from svdecode_pl.steering.processor import SteeringLogitsProcessor
 from svdecode_pl.steering.values import check_steering_values
 from svdecode_pl.steering.vector import SteeringVector
-from svdecode_pl.utils.errors import AdapterError, SteeringArtifactError
+from svdecode_pl.utils.errors import AdapterError, ExternalError, SteeringArtifactError
 
 STEERING_DIR = "steering"
 GENERATE_FILE = Path("custom_generate") / "generate.py"
@@ -195,4 +196,18 @@ def main(args: list[str]) -> None:
         raise OptionError("push: HF_HUB_OFFLINE is set; unset it to upload") from None
     except HfHubHTTPError as error:
         raise OptionError(f"push: the Hub refused the upload to {opts.repo_id}: {one_line(str(error))}") from None
+    except Exception as error:  # noqa: BLE001 -- the network's own errors (httpx, requests, sockets), by module
+        if not _network_error(error):
+            raise
+        endpoint = opts.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        raise ExternalError(f"push: cannot reach the Hub at {endpoint} ({type(error).__name__}: "
+                            f"{one_line(str(error))}); check the network (or HF_ENDPOINT, --endpoint) and run the "
+                            "same command again: nothing was uploaded or changed") from error
     print(url)
+
+
+def _network_error(error: BaseException) -> bool:
+    """A connection, DNS or timeout failure of the HTTP client huggingface_hub uses."""
+    modules = ("httpx", "httpcore", "requests", "urllib3", "socket", "ssl")
+    return isinstance(error, (ConnectionError, TimeoutError)) or type(error).__module__.split(".")[0].rstrip(
+        "0123456789") in modules

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -38,6 +39,10 @@ class SteeringArtifactError(UserInputError, ValueError):
 
 class AdapterError(UserInputError, ValueError):
     """A PEFT adapter directory that cannot be loaded onto the model."""
+
+
+class ExternalError(UserInputError):
+    """Something outside the run failed (the network, the Hub): one line that says what to do next."""
 
 
 class CheckpointError(UserInputError, ValueError):
@@ -105,6 +110,9 @@ def user_error_message(error: BaseException) -> str | None:
         if isinstance(link, UserInputError):
             return one_line(str(link)) or type(link).__name__
     for link in _chain(error):
+        if _out_of_memory(link):
+            return out_of_memory_message(link)
+    for link in _chain(error):
         if isinstance(link, _PATH_ERRORS):
             if link.filename is not None and link.strerror:
                 return one_line(f"{link.filename}: {link.strerror}")
@@ -112,6 +120,24 @@ def user_error_message(error: BaseException) -> str | None:
         if isinstance(link, OSError) and _raised_in(link, _MODEL_LOADERS):
             return one_line(str(link))
     return None
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: CUDA's ``OutOfMemoryError``, the CPU allocator's RuntimeError, Python's MemoryError."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    markers = ("DefaultCPUAllocator", "can't allocate memory", "out of memory")
+    return isinstance(error, RuntimeError) and any(marker.lower() in text.lower() for marker in markers)
+
+
+def out_of_memory_message(error: BaseException) -> str:
+    """One line for a failed allocation, with what to lower."""
+    text = one_line(str(error))
+    asked = re.search(r"tried to allocate ([\d.]+ ?\w+)", text, re.IGNORECASE)
+    size = f" (an allocation of {asked.group(1)})" if asked else ""
+    return (f"out of memory{size}: lower --data.eval_batch_size, --model.score_batch_tokens or --model.chunk_tokens "
+            "(or --data.batch_size when fitting), shorten the inputs, or use a device with more memory")
 
 
 @contextlib.contextmanager
