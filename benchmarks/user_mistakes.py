@@ -86,6 +86,8 @@ def setup(work: Path) -> dict:
     (work / "one.json").write_text(json.dumps([one]))
     long = dict(one, question=" ".join(["why"] * 3000) + "?")
     (work / "long.json").write_text(json.dumps([one] * 3 + [long]))
+    many = [dict(one, question=f"{i} " + "mirror " * 1500) for i in range(200)]
+    (work / "long200.json").write_text(json.dumps(many))
     tasks = work / "tasks"
     tasks.mkdir(exist_ok=True)
     rows = [("What is the capital of France?", ["Paris", "London"]), ("What do cows drink?", ["Water", "Oil"])]
@@ -239,7 +241,10 @@ CASES = [
     ("2n", 2, "a NaN in --steering.mu_grid", "test --steering.mu_grid '[1, .nan]'",
      simple(*test_args("runs/A", "--steering.mu_grid", "[1, .nan]"))),
     ("2o", 2, "lm-eval model_args mu_scale=inf", "lm-eval --model_args ...,mu_scale=inf", lm_eval_case("mu_scale=inf")),
-    ("3a", 3, "empty test split", "test --data.init_args.train_fraction 0.8 --data.init_args.val_fraction 0.2",
+    ("3a", 3, "empty test split", "test --data.init_args.train_fraction 1.0 --data.init_args.val_fraction 0",
+     simple(*test_args("runs/A", "--data.init_args.train_fraction", "1.0", "--data.init_args.val_fraction", "0"))),
+    ("3e", 3, "fractions 0.8 + 0.2 (float rounding)",
+     "test --data.init_args.train_fraction 0.8 --data.init_args.val_fraction 0.2",
      simple(*test_args("runs/A", "--data.init_args.train_fraction", "0.8", "--data.init_args.val_fraction", "0.2"))),
     ("3b", 3, "a question beyond the model's context", "test --data.init_args.path long.json (one of 3000+ tokens)",
      simple(*test_args("runs/A", "--data.init_args.path", "long.json", "--data.init_args.train_fraction", "0",
@@ -259,9 +264,11 @@ CASES = [
      simple(*CKPT, "--trainer.default_root_dir", "runs/K", "--ckpt_path", "runs/A/adapter/adapter_model.safetensors")),
     ("5e", 5, "--ckpt_path a text file", "fit --ckpt_path nan_mu.yaml",
      simple(*CKPT, "--trainer.default_root_dir", "runs/K2", "--ckpt_path", "nan_mu.yaml")),
-    ("5f", 5, "out of memory", "ulimit -v 6 GB; test --data.init_args.eval_batch_size 64 --model.chunk_tokens 4000000",
-     simple(*test_args("runs/A", "--data.init_args.eval_batch_size", "64", "--model.chunk_tokens", "4000000"),
-            prefix="ulimit -v 6000000;")),
+    ("5f", 5, "out of memory", "ulimit -v 4 GB; test 200 questions of 1500 tokens in one padded batch "
+     "(--data.init_args.eval_batch_size 200 --model.score_batch_tokens 1000000000)",
+     simple(*test_args("runs/new5", "--data.init_args.path", "long200.json", "--data.init_args.train_fraction", "0",
+                       "--data.init_args.val_fraction", "0", "--data.init_args.eval_batch_size", "200",
+                       "--model.score_batch_tokens", "1000000000"), prefix="ulimit -v 4000000;")),
     ("5g", 5, "--debug keeps the traceback", "fit --steering.confidence_threshold 1.5 --debug",
      simple(*CKPT, "--trainer.default_root_dir", "runs/G2", "--steering.confidence_threshold", "1.5", "--debug")),
 ]
