@@ -379,7 +379,8 @@ def _run_and_value_inputs(root: Path, adapter: Path, vocab: int) -> dict[str, tu
     configs = root / "configs"  # a folder of their own: beside nope.yaml they would be its "did you mean"
     configs.mkdir()
     (configs / "nan_mu.yaml").write_text("steering:\n  mu: .nan\n")
-    (configs / "twice.yaml").write_text("model:\n  adapter_path: x\ntrainer:\n  max_steps: 2\nmodel:\n  dtype: float32\n")
+    (configs / "twice.yaml").write_text("model:\n  adapter_path: x\ntrainer:\n  max_steps: 2\n"
+                                        "model:\n  dtype: float32\n")
     (root / "finished" / "adapter").mkdir(parents=True)
     (root / "finished" / "adapter" / "adapter_config.json").write_text("{}")
     (root / "cut" / "checkpoints").mkdir(parents=True)
