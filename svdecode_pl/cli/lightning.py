@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from svdecode_pl.cli.checks import describe_parser_error
 from svdecode_pl.cli.preflight import preflight
-from svdecode_pl.cli.run_directory import claim_run_directory
+from svdecode_pl.cli.run_directory import check_given_checkpoint, claim_run_directory
 from svdecode_pl.recipes.callbacks.progress import PhaseProgressBar
 from svdecode_pl.recipes.callbacks.steering import SteeringVectorCallback
 from svdecode_pl.recipes.module import SVDecodeModule
@@ -55,6 +55,13 @@ class SVDecodeCLI(LightningCLI):
         # ``steering:`` is a top-level key of every subcommand: an ablation is a two-line delta that
         # never touches ``trainer.callbacks``; the callback is added to the trainer's callbacks.
         parser.add_lightning_class_args(SteeringVectorCallback, "steering")
+
+    def _parse_ckpt_path(self) -> None:
+        """The checkpoint checked (kind, model, PEFT method) before Lightning reads its hyper-parameters."""
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_given_checkpoint(self.config[subcommand])
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         """Paths and option combinations checked before any class (so any model) is built; then the

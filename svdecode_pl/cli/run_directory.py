@@ -26,7 +26,8 @@ WRITING = ("fit", "test", "predict")
 
 
 def claim_run_directory(config: Any, subcommand: str | None) -> None:
-    """The lock, then what the directory may hold for this subcommand; then the checkpoint."""
+    """The lock, then what the directory may hold for this subcommand (the checkpoint is checked
+    earlier: :func:`check_given_checkpoint`)."""
     if subcommand not in WRITING:
         return
     root = Path(_get(config, "trainer.default_root_dir") or os.getcwd())
@@ -36,8 +37,17 @@ def claim_run_directory(config: Any, subcommand: str | None) -> None:
         check_fit_target(root, ckpt)
     else:
         check_evaluation_target(root, _get(config, "model.adapter_path"))
-    if ckpt is not None and str(ckpt) not in _CKPT_KEYWORDS:
-        check_checkpoint(Path(ckpt), str(_get(config, "model.name_or_path")), _get(config, "model.peft.class_path"))
+
+
+def check_given_checkpoint(config: Any) -> None:
+    """``--ckpt_path`` against the options the user gave, before LightningCLI reads the checkpoint's
+    hyper-parameters into the config: a checkpoint of another model would replace
+    ``--model.name_or_path`` there without a word, and a file of another kind end in an unpickling
+    traceback."""
+    ckpt = _get(config, "ckpt_path")
+    if ckpt is None or str(ckpt) in _CKPT_KEYWORDS or not Path(ckpt).is_file():
+        return  # a keyword, a DeepSpeed directory, or a missing file (preflight names it)
+    check_checkpoint(Path(ckpt), str(_get(config, "model.name_or_path")), _get(config, "model.peft.class_path"))
 
 
 def _checkpoints(root: Path) -> list[Path]:
