@@ -246,5 +246,10 @@ def test_two_runs_stay_apart(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "c" / "results.json").exists()
     assert one_line_exit(capsys, "fit", *small(a, "--trainer.max_steps", "2")).startswith(
         f"--trainer.default_root_dir {a}: holds a finished run")
+    # LightningCLI would read the checkpoint's hyper-parameters into the config: svdecode-tiny, silently
+    other_model = small(tmp_path / "d", "--model.name_or_path", "svdecode-tiny-256",
+                        "--ckpt_path", str(a / "checkpoints" / "last.ckpt"))
+    assert one_line_exit(capsys, "fit", *other_model).startswith(
+        f"--ckpt_path {a / 'checkpoints' / 'last.ckpt'}: a checkpoint of model 'svdecode-tiny', not")
     run_cli(["test", *small(a, *adapter_a)])  # the run's own adapter and vector
     assert json.loads((a / "results.json").read_text())["steering"] is not None

@@ -81,6 +81,19 @@ def test_module_and_data_options_are_checked_at_construction(cls, options, expec
     assert user_error_message(info.value).startswith(expected)
 
 
+def test_unsupported_peft_method_is_refused():
+    """LoHa ran without its adapter being seeded, sharded or checked like the four supported methods."""
+    from peft import LoHaConfig, LoraConfig
+
+    from svdecode_pl.utils.errors import AdapterError
+
+    SVDecodeModule(peft=LoraConfig())
+    with pytest.raises(AdapterError) as info:
+        SVDecodeModule(peft=LoHaConfig())
+    assert user_error_message(info.value).startswith(
+        "--model.peft peft.LoHaConfig: PEFT method 'LOHA' is not supported (supported: peft.LoraConfig, peft.IA3Config")
+
+
 def test_fractions_that_add_up_to_one_are_not_refused_by_rounding():
     """0.2 <= 1 - 0.8 is False in floats (1 - 0.8 = 0.19999999999999996)."""
     TruthfulQADataModule(train_fraction=0.8, val_fraction=0.2)
