@@ -181,6 +181,23 @@ def test_vector_of_another_adapter_is_refused(tmp_path):
     check_vector_belongs(metadata, "v.json", None, weights_from_checkpoint=True)
 
 
+def test_callback_refuses_the_vector_of_another_adapter(tmp_path):
+    """A Trainer built by hand (no ``svdecode`` preflight): the callback checks the vector it loads."""
+    from svdecode_pl.recipes.callbacks.steering import SteeringVectorCallback
+
+    mine, theirs = fake_adapter(tmp_path / "a" / "adapter", 1.0), fake_adapter(tmp_path / "b" / "adapter", 2.0)
+    record = RunProvenance(adapter_content_hash(theirs), str(theirs), "m", "t", 0).as_dict()
+    SteeringVector(torch.ones(4), 1.0, metadata={"provenance": record}).save(tmp_path / "run" / "steering")
+    host = SimpleNamespace(vocab_size=4, metadata={"tokenizer_fingerprint": None}, evaluation=EvaluationSettings())
+    module = SimpleNamespace(hparams=SimpleNamespace(adapter_path=str(mine)), steering_host=lambda: host)
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"), ckpt_path=None)
+    with pytest.raises(SteeringArtifactError, match=f"fitted with the adapter {theirs}"):
+        SteeringVectorCallback()._attach(trainer, module)
+    module.hparams.adapter_path = str(theirs)
+    SteeringVectorCallback()._attach(trainer, module)
+    assert host.evaluation.steering.vector is not None
+
+
 def test_the_adapters_own_vector_comes_first(tmp_path):
     adapter = fake_adapter(tmp_path / "x" / "adapter", 1.0)
     trainer = SimpleNamespace(default_root_dir=str(tmp_path / "y"))

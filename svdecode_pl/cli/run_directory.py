@@ -5,19 +5,22 @@
   ``--ckpt_path`` says to continue it (Lightning would start at step 0 and write ``last-v1.ckpt``
   beside the old ``last.ckpt``; a later resume then picks the older one).
 - ``test``/``predict`` with ``--model.adapter_path`` into the directory of another run (its own
-  ``adapter/`` another adapter) are refused: results of one adapter never land in another's run.
+  ``adapter/`` another adapter) are refused: results of one adapter never land in another's run;
+  the vector they will read must belong to the adapter given.
 - ``--ckpt_path`` must be a Lightning checkpoint of the same model and PEFT method.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from svdecode_pl.cli.preflight import _CKPT_KEYWORDS, _get
-from svdecode_pl.steering.provenance import adapter_content_hash
+from svdecode_pl.recipes.run_unit import vector_directory_of
+from svdecode_pl.steering.provenance import adapter_content_hash, check_vector_belongs
 from svdecode_pl.utils.errors import CheckpointError, OptionError
 from svdecode_pl.utils.run_lock import lock_run_directory
 
@@ -35,8 +38,11 @@ def claim_run_directory(config: Any, subcommand: str | None) -> None:
     ckpt = _get(config, "ckpt_path")
     if subcommand == "fit":
         check_fit_target(root, ckpt)
-    else:
-        check_evaluation_target(root, _get(config, "model.adapter_path"))
+        return
+    adapter = _get(config, "model.adapter_path")
+    check_evaluation_target(root, adapter)
+    if _get(config, "steering.enabled") is not False:
+        check_vector_of(vector_directory_of(root, adapter, _get(config, "steering.dirpath")), adapter, ckpt)
 
 
 def check_given_checkpoint(config: Any) -> None:
@@ -91,6 +97,20 @@ def check_evaluation_target(root: Path, adapter_path: Any) -> None:
         raise OptionError(
             f"--trainer.default_root_dir {root}: holds another run (its adapter {own} is not --model.adapter_path "
             f"{adapter_path}); write into the adapter's own run directory ({Path(adapter_path).parent}) or a new one")
+
+
+def check_vector_of(directory: Path, adapter_path: Any, ckpt: Any) -> None:
+    """The vector test/predict will read belongs to the adapter given, checked on its metadata before
+    any model loads (the callback checks it again when it loads the vector); a file that is not valid
+    JSON is left to the loader, which names what is wrong with it."""
+    meta_file = directory / "steering_vector.json"
+    try:
+        metadata = json.loads(meta_file.read_text(encoding="utf-8")).get("metadata")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(metadata, dict):
+        check_vector_belongs(metadata, str(meta_file), None if adapter_path is None else str(adapter_path),
+                             weights_from_checkpoint=ckpt is not None)
 
 
 def _kind_of(path: Path) -> str:

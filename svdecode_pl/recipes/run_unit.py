@@ -25,11 +25,15 @@ def fit_provenance(trainer: Trainer, host: SteeringHost, adapter_dir: Path) -> R
 
 
 def vector_directory(trainer: Trainer, pl_module: LightningModule, dirpath: str | None) -> Path:
+    """Where test/predict read the vector (:func:`vector_directory_of`)."""
+    return vector_directory_of(trainer.default_root_dir, getattr(pl_module.hparams, "adapter_path", None), dirpath)
+
+
+def vector_directory_of(root: str | Path, adapter: str | None, dirpath: str | None) -> Path:
     """Where test/predict read the vector: ``--steering.dirpath`` when given; else the vector inside
     ``--model.adapter_path`` (written there by the fit that trained it); else the run directory's."""
     if dirpath:
         return Path(dirpath) / STEERING_DIR
-    adapter = getattr(pl_module.hparams, "adapter_path", None)
     if adapter and (Path(adapter) / STEERING_DIR / "steering_vector.json").is_file():
         return Path(adapter) / STEERING_DIR
-    return Path(trainer.default_root_dir) / STEERING_DIR
+    return Path(root) / STEERING_DIR
