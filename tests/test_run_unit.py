@@ -22,6 +22,7 @@ from svdecode_pl.cli.run_directory import check_checkpoint, check_evaluation_tar
 from svdecode_pl.evaluation.generation_settings import GenerationSettings
 from svdecode_pl.evaluation.settings import EvaluationSettings
 from svdecode_pl.recipes.callbacks.prediction_writer import evaluation_signature
+from svdecode_pl.recipes.module import SVDecodeModule
 from svdecode_pl.recipes.run_unit import vector_directory
 from svdecode_pl.steering.provenance import RunProvenance, adapter_content_hash, check_vector_belongs
 from svdecode_pl.steering.vector import SteeringVector
@@ -258,7 +259,10 @@ def test_two_runs_stay_apart(tmp_path, capsys, monkeypatch):
     adapter_a = ["--model.adapter_path", str(a / "adapter")]
     assert one_line_exit(capsys, "test", *small(b, *adapter_a)).startswith(
         f"--trainer.default_root_dir {b}: holds another run")
-    assert one_line_exit(capsys, "test", *small(tmp_path / "c", *adapter_a, "--steering.dirpath", str(b))).startswith(
+    with monkeypatch.context() as patched:  # refused before any model loads
+        patched.setattr(SVDecodeModule, "configure_model", lambda self: pytest.fail("the model was loaded"))
+        refused = one_line_exit(capsys, "test", *small(tmp_path / "c", *adapter_a, "--steering.dirpath", str(b)))
+    assert refused.startswith(
         f"{b / 'steering' / 'steering_vector.json'}: field 'provenance.adapter_sha256': fitted with the adapter")
     assert not (tmp_path / "c" / "results.json").exists()
     assert one_line_exit(capsys, "fit", *small(a, "--trainer.max_steps", "2")).startswith(
