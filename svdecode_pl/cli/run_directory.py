@@ -113,9 +113,14 @@ def check_vector_of(directory: Path, adapter_path: Any, ckpt: Any) -> None:
                              weights_from_checkpoint=ckpt is not None)
 
 
+def _head(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(16)
+
+
 def _kind_of(path: Path) -> str:
     """What a file that is no torch checkpoint looks like, for the message."""
-    head = path.read_bytes()[:16] if path.is_file() else b""
+    head = _head(path)
     if path.suffix == ".safetensors" or head[8:9] == b"{":
         return "a safetensors file (adapter or model weights, not a Lightning checkpoint)"
     try:
@@ -131,7 +136,7 @@ def check_checkpoint(path: Path, name_or_path: str, peft_class_path: str | None)
     option = f"--ckpt_path {path}"
     if path.is_dir():
         return  # a DeepSpeed checkpoint (a directory): its strategy reads and checks it
-    if not zipfile.is_zipfile(path) and path.read_bytes()[:1] != b"\x80":  # torch's zip or legacy pickle format
+    if not zipfile.is_zipfile(path) and _head(path)[:1] != b"\x80":  # torch's zip or legacy pickle format
         raise CheckpointError(f"{option}: {_kind_of(path)}; expected a Lightning checkpoint (.ckpt)")
     from lightning.fabric.utilities.cloud_io import _load
 
