@@ -304,13 +304,15 @@ def run_cases(work: Path, only: list[str] | None) -> list[dict]:
 
 def table(before: list[dict], after: list[dict]) -> str:
     after_by_id = {r["id"]: r for r in after}
-    rows = ["| # | mistake | command | before: exit, lines | after: exit, lines | after: what it says |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| # | mistake | command | before: exit, lines | before: last line | after: exit, lines | after: what "
+            "it says |", "|---|---|---|---|---|---|---|"]
     for b in before:
         a = after_by_id.get(b["id"], {})
         cell = lambda r: "-" if not r else f"{r['exit']}, {r['lines']}" + (f" ({r['note']})" if r["note"] else "")  # noqa: E731
-        said = a.get("last", "").replace("|", "\\|")
-        rows.append(f"| {b['id']} | {b['what']} | `{b['command']}` | {cell(b)} | {cell(a)} | {said} |")
+        said = lambda r, n: (r.get("last", "") if len(r.get("last", "")) <= n else r["last"][: n - 3] + "...").replace(  # noqa: E731
+            "|", "\\|")
+        rows.append(f"| {b['id']} | {b['what']} | `{b['command']}` | {cell(b)} | {said(b, 90)} | {cell(a)} "
+                    f"| {said(a, 160)} |")
     return "\n".join(rows)
 
 
