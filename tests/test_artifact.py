@@ -162,6 +162,27 @@ def test_push_to_hub_uploads_adapter_and_vector(trained, tmp_path, monkeypatch):
     assert (Path(directory) / generate_py).read_bytes() == local[generate_py]
 
 
+def test_push_with_the_hub_unreachable_is_one_line(trained, tmp_path, monkeypatch, capsys):
+    """A network failure ended in a 74-line httpx traceback; now one line that says what to do."""
+    import huggingface_hub.constants
+
+    from svdecode_pl.cli.entry import main
+
+    model, _, vector = trained
+    model.save_pretrained(str(tmp_path / "run" / "adapter"))
+    vector.save(tmp_path / "run" / "steering")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "test")
+    monkeypatch.delenv("SVDECODE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["push", str(tmp_path / "run"), "me/steered", "--endpoint", "http://127.0.0.1:9"])  # nothing listens
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("svdecode: error: push: cannot reach the Hub at http://127.0.0.1:9 (")
+    assert err[0].endswith("check the network (or HF_ENDPOINT, --endpoint) and run the same command again: nothing "
+                           "was uploaded or changed")
+
+
 def test_push_command_uploads_a_run_directory(trained, tmp_path, monkeypatch, capsys):
     """``svdecode push RUN_DIR REPO_ID``: a run written before the artifact (``<run>/adapter`` beside
     ``<run>/steering``) goes up as one artifact; bad input is one line and exit 2, nothing uploaded."""

@@ -100,6 +100,34 @@ def test_main_turns_user_errors_into_one_line_and_keeps_bugs(monkeypatch, capsys
         main(["test"])
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 2013984000 bytes. Error code 12 (Cannot allocate memory)"),
+    type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has ..."),
+    MemoryError(),
+])
+def test_out_of_memory_is_one_line_with_what_to_lower(monkeypatch, capsys, error):
+    """An input too large for the memory ended in a 77-line traceback; now one line naming the
+    options that bound memory (the traceback with --debug)."""
+    import svdecode_pl.cli.entry as cli
+
+    def run(args):
+        raise error
+
+    monkeypatch.setattr(cli, "run_cli", run)
+    monkeypatch.delenv("SVDECODE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test"])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("svdecode: error: out of memory"), err
+    assert "lower --data.eval_batch_size, --model.score_batch_tokens or --model.chunk_tokens" in err[0]
+    if not isinstance(error, MemoryError):
+        assert "(an allocation of " in err[0]
+    with pytest.raises(type(error)):
+        main(["test", "--debug"])
+    monkeypatch.delenv("SVDECODE_DEBUG", raising=False)
+
+
 @pytest.mark.parametrize("outcome", ["finished", "user error", "bug"])
 def test_main_destroys_the_process_group_before_exit(monkeypatch, tmp_path, outcome):
     """A rank that leaves gloo's group to the interpreter's teardown can abort after a finished
@@ -337,6 +365,69 @@ def _bad_inputs(root: Path, adapter: Path) -> dict[str, tuple[list[str], str]]:
         "option value": ([*tiny, "--data.train_fraction", "0.7", "--data.val_fraction", "0.5"],
                          "--data.train_fraction 0.7, --data.val_fraction 0.5: need"),
         **_option_path_and_combination_inputs(root),
+        **_run_and_value_inputs(root, adapter, vocab),
+    }
+
+
+def _run_and_value_inputs(root: Path, adapter: Path, vocab: int) -> dict[str, tuple[list[str], str]]:
+    """Issue 29's mistakes: values that are not finite or out of range, a config key given twice, a run
+    directory that holds another run or is being written, checkpoints of another kind or model, the
+    vector of another adapter, an empty split. A leading ``fit`` runs that subcommand."""
+    from svdecode_pl.steering.provenance import RunProvenance
+    from svdecode_pl.utils.run_lock import LOCK_FILE
+
+    configs = root / "configs"  # a folder of their own: beside nope.yaml they would be its "did you mean"
+    configs.mkdir()
+    (configs / "nan_mu.yaml").write_text("steering:\n  mu: .nan\n")
+    (configs / "twice.yaml").write_text("model:\n  adapter_path: x\ntrainer:\n  max_steps: 2\n"
+                                        "model:\n  dtype: float32\n")
+    (root / "finished" / "adapter").mkdir(parents=True)
+    (root / "finished" / "adapter" / "adapter_config.json").write_text("{}")
+    (root / "cut" / "checkpoints").mkdir(parents=True)
+    (root / "cut" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (root / "locked").mkdir()
+    (root / "locked" / LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                                                         "command": "fit", "started": "now"}))
+    other = root / "other_run" / "adapter"
+    shutil.copytree(adapter, other)
+    (other / "adapter_model.safetensors").write_bytes(b"another adapter")
+    torch.save({"state_dict": {}, "svdecode_run": {"name_or_path": "svdecode-tiny-256", "peft": "LoraConfig"}},
+               root / "other_model.ckpt")
+    foreign = RunProvenance("0" * 64, "runs/x/adapter", "svdecode-tiny", "truthfulqa_mc", 0).as_dict()
+    SteeringVector(torch.randn(vocab), 1.0, metadata={"vocab_size": vocab, "provenance": foreign}).save(
+        root / "foreign_vector" / "steering")
+    tiny = ["--data.synthetic_questions", "4"]
+    return {
+        # values (before any model loads)
+        "mu nan in a config file": (["--config", str(configs / "nan_mu.yaml")],
+                                    "--steering.mu nan: expected a finite number (or null), not NaN"),
+        "mu 1e400": (["--steering.mu", "1e400"], "--steering.mu inf: expected a finite number (or null), not infinity"),
+        "confidence threshold 1.5": (["fit", "--steering.confidence_threshold", "1.5"],
+                                     "--steering.confidence_threshold 1.5: expected a finite number in [0, 1)"),
+        "config key twice": (["--config", str(configs / "twice.yaml")], "key 'model' given twice (line 1 and line 5)"),
+        "zero batch size": (["fit", "--data.batch_size", "0"], "--data.batch_size 0: expected an integer >= 1"),
+        "unsupported peft method": (["fit", "--model.peft", "peft.LoHaConfig"],
+                                    "--model.peft peft.LoHaConfig: PEFT method 'LOHA' is not supported"),
+        # run directories and checkpoints (before any model loads)
+        "fit into a finished run": (["fit", "--trainer.default_root_dir", str(root / "finished")],
+                                    f"--trainer.default_root_dir {root / 'finished'}: holds a finished run"),
+        "fit into an interrupted run": (["fit", "--trainer.default_root_dir", str(root / "cut")],
+                                        f"holds an interrupted fit ({root / 'cut' / 'checkpoints' / 'last.ckpt'})"),
+        "run directory being written": (["--trainer.default_root_dir", str(root / "locked")],
+                                        f"svdecode fit (pid {os.getpid()} on"),
+        "results into another run": (["--model.adapter_path", str(adapter), "--trainer.default_root_dir",
+                                      str(root / "other_run")],
+                                     f"--trainer.default_root_dir {root / 'other_run'}: holds another run"),
+        "checkpoint of another kind": (["fit", "--ckpt_path", str(adapter / "adapter_model.safetensors")],
+                                       "a safetensors file (adapter or model weights, not a Lightning checkpoint)"),
+        "checkpoint of another model": (["fit", "--ckpt_path", str(root / "other_model.ckpt")],
+                                        "a checkpoint of model 'svdecode-tiny-256', not --model.name_or_path"),
+        # after the model loads
+        "vector of another adapter": ([*tiny, "--model.name_or_path", "svdecode-tiny", "--model.adapter_path",
+                                       str(adapter), "--trainer.default_root_dir", str(root / "foreign_vector")],
+                                      "field 'provenance.adapter_sha256': fitted with the adapter runs/x/adapter"),
+        "empty test split": ([*tiny, "--data.train_fraction", "1.0", "--data.val_fraction", "0"],
+                             "split 'test' is empty (train 4, validation 0, test 0 examples)"),
     }
 
 
@@ -395,8 +486,11 @@ def console_runs(tmp_path_factory, tiny_adapter) -> dict[str, tuple[subprocess.C
     while pending or running:
         while pending and len(running) < 3:
             name, (args, expected) = pending.pop(0)
-            command = [_svdecode(), "test", "--config", QUICKSTART, "--trainer.enable_progress_bar", "false",
-                       "--trainer.logger", "false", "--trainer.default_root_dir", str(root / "run"), *args]
+            subcommand, args = (args[0], args[1:]) if args[:1] == ["fit"] else ("test", args)
+            # a run directory each: one command at a time writes a run directory (its lock)
+            run_dir = root / "runs" / name.replace(" ", "_")
+            command = [_svdecode(), subcommand, "--config", QUICKSTART, "--trainer.enable_progress_bar", "false",
+                       "--trainer.logger", "false", "--trainer.default_root_dir", str(run_dir), *args]
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                        cwd=root)
             running[name] = (process, expected, time.time())
@@ -414,14 +508,17 @@ def console_runs(tmp_path_factory, tiny_adapter) -> dict[str, tuple[subprocess.C
 CONSOLE_CASES = [
     "empty data file", "missing field", "invalid utf-8", "missing data file", "steering corrupt safetensors",
     "steering newer format", "steering nan", "steering vocabulary", "adapter missing", "not an adapter",
-    "adapter shapes", "model path", "option value",
+    "adapter shapes", "model path", "option value", "vector of another adapter", "empty test split",
 ]
 #: caught before any model loads: nothing else on stderr, one line (two with a hint)
 EARLY_CASES = [
     "misspelt option", "misspelt data option", "missing config file", "config not yaml", "config a directory",
     "value outside a choice", "steering mode", "not a number", "run directory is a file",
     "run directory under a file", "steering directory is a file", "adapter is a file", "checkpoint missing",
-    "sampling at temperature 0",
+    "sampling at temperature 0", "mu nan in a config file", "mu 1e400", "confidence threshold 1.5", "config key twice",
+    "zero batch size", "unsupported peft method", "fit into a finished run", "fit into an interrupted run",
+    "run directory being written", "results into another run", "checkpoint of another kind",
+    "checkpoint of another model",
 ]
 
 

@@ -171,3 +171,37 @@ def test_command_writes_lm_eval_results_and_refuses_unknown_tasks(artifacts, tmp
         main([*base, "--tasks", "tiny_mc,no_such_task"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "--tasks" in err[0] and "no_such_task" in err[0], err
+
+
+@pytest.mark.parametrize(("model_args", "expected"), [
+    ({"mu": float("nan")}, "model_args mu nan: expected a finite number (or null), not NaN"),
+    ({"mu_scale": float("inf")}, "model_args mu_scale inf: expected a finite number, not infinity"),
+    ({"mu_scale": "big"}, "model_args mu_scale 'big': expected a finite number"),
+])
+def test_model_args_are_checked_before_the_model_loads(artifacts, monkeypatch, model_args, expected):
+    """``mu=nan`` made every log-likelihood NaN and lm-eval reported acc 1.0 (a NaN row ranks its first
+    choice highest); now it is one line, before HFLM loads anything."""
+    from svdecode_pl.utils.errors import OptionError, user_error_message
+
+    monkeypatch.setattr(HFLM, "__init__", lambda self, **kwargs: pytest.fail("HFLM was built"))
+    with pytest.raises(OptionError) as info:
+        SteeredHFLM(pretrained=artifacts["common"]["pretrained"], steering=str(artifacts["static"]), **model_args)
+    assert user_error_message(info.value) == expected
+
+
+def test_misspelt_model_arg_is_one_line_with_the_closest_name(artifacts, tmp_path, capsys, monkeypatch):
+    """HFLM hands model_args it does not know to ``from_pretrained``: ``steerng=`` ended in a 50-line
+    TypeError from the model class."""
+    from svdecode_pl.cli.entry import main
+
+    monkeypatch.delenv("SVDECODE_DEBUG", raising=False)
+    common = artifacts["common"]
+    model_args = f"pretrained={common['pretrained']},peft={common['peft']},steerng={artifacts['static']}"
+    with pytest.raises(SystemExit) as info:
+        main(["lm-eval", "--model_args", model_args, "--include_path", str(artifacts["work"] / "tasks"),
+              "--tasks", "tiny_mc", "--device", "cpu"])
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("svdecode:")]  # lm-eval logs its INFO lines
+    assert info.value.code == 2 and "Traceback" not in err and len(ours) == 1, err
+    assert ours[0] == ("svdecode: error: model_args 'steerng': not an argument of the svdecode model, HFLM or the "
+                       "model's from_pretrained (did you mean steering?)")

@@ -154,6 +154,23 @@ def test_killed_predict_resumes_to_the_uninterrupted_records(tmp_path, straight,
     assert not [p for p in run_dir.iterdir() if ".part" in p.name or p.name.endswith(".tmp")]
 
 
+def test_resumed_with_another_strength_starts_over(tmp_path, straight):
+    """Killed at ``--steering.mu 2`` and started again at the vector's own strength: the records of
+    the first strength are not kept (they were, beside the second's: the signature hashed the model
+    and data settings only); the result equals an uninterrupted run at the second strength."""
+    (tmp_path / "killer.py").write_text(KILLER)
+    run_dir = with_steering(tmp_path / "run")
+    killer = ["--trainer.callbacks+=killer.KillAfterBatches", "--trainer.callbacks.batches", "2",
+              "--trainer.callbacks.marker", str(tmp_path / "killed")]
+    assert predict(run_dir, "mc", 1, *killer, "--steering.mu", "2.0") == -signal.SIGKILL
+    assert len(complete_lines(run_dir / "predictions.jsonl.part0")) > 1
+    assert predict(run_dir, "mc", 1, *killer) == 0, (run_dir / "predict.log").read_text()[-3000:]
+    log = (run_dir / "predict.log").read_text()
+    assert "resuming predictions" not in log and "were written with other settings" in log
+    records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert records == straight["mc"]
+
+
 def test_writer_keeps_complete_lines_only(tmp_path):
     part = tmp_path / "predictions.jsonl.part0"
     part.write_text('{"run_signature": "x"}\n{"uid": 0}\n{"uid": 1}\n{"uid": 2, "sc')

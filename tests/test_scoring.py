@@ -7,6 +7,7 @@ import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 from svdecode_pl.evaluation import packing, scoring
+from svdecode_pl.evaluation.device_defaults import PACKING_TOLERANCE
 from svdecode_pl.evaluation.scoring import score_continuations
 from svdecode_pl.models import heads
 from svdecode_pl.models.heads import hf_model, output_vocab_size, target_hidden_states
@@ -154,11 +155,25 @@ def test_padded_batches_equal_whole_sequences(arch, adapter):
         torch.testing.assert_close(got.steered, steered, rtol=0, atol=5e-5)
 
 
+@pytest.fixture
+def threads(request):
+    """torch's intra-op threads for one test (``OMP_NUM_THREADS=4`` gives 2 on a 2-core machine:
+    the count is set here, so every count is tried wherever the suite runs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4], indirect=True)
 @pytest.mark.parametrize("arch", ["svdecode-tiny-256", "svdecode-tiny-256-llama"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_scores_do_not_depend_on_packing(arch, attention):
-    """The default scoring packs several questions per forward pass; a question's scores are the
-    same bit for bit whichever questions share its pass (what makes 1 and N processes agree)."""
+def test_scores_do_not_depend_on_packing(arch, attention, threads):
+    """The default scoring packs several questions per forward pass; a question's scores do not
+    depend on which questions share its pass: bit for bit at one thread (what makes 1 and N
+    processes agree), to ``PACKING_TOLERANCE`` at more (torch splits elementwise kernels and
+    reductions among threads at size-dependent boundaries; a vectorised and a scalar tail round
+    differently: 1.5e-5 seen at 4 threads). The console line and README state the same."""
     model, tok = build(arch, "lora")
     hf_model(model).set_attn_implementation(attention)
     primer = tok(PRIMER)["input_ids"]
@@ -177,7 +192,12 @@ def test_scores_do_not_depend_on_packing(arch, attention):
     for indices, pack_tokens in ((list(range(len(contexts))), 10_000), (list(range(len(contexts)))[::-1], 60),
                                  ([1, 4, 7], 10_000), ([8, 0], 10_000)):
         for index, got in scores(indices, pack_tokens).items():
-            assert torch.equal(got.plain, alone[index].plain) and torch.equal(got.steered, alone[index].steered)
+            for name in ("plain", "steered"):
+                ours, reference = getattr(got, name), getattr(alone[index], name)
+                if threads == 1:
+                    assert torch.equal(ours, reference), (name, index)
+                else:
+                    assert float((ours - reference).abs().max()) <= PACKING_TOLERANCE, (name, index, threads)
     plain, _ = reference_scores(model, contexts[5], continuations[5], vector)
     torch.testing.assert_close(alone[5].plain, plain, rtol=0, atol=5e-5)
 

@@ -46,7 +46,7 @@ def check_config_files(argv: list[str]) -> None:
         if path.is_dir():
             raise CommandLineError(f"--config {value}: is a directory, not a config file")
         try:
-            yaml.safe_load(path.read_text(encoding="utf-8"))
+            load_yaml_strictly(path.read_text(encoding="utf-8"), f"--config {value}")
         except UnicodeDecodeError as err:
             raise CommandLineError(f"--config {value}: not valid UTF-8 (byte {err.start})") from None
         except yaml.YAMLError as err:
@@ -54,6 +54,26 @@ def check_config_files(argv: list[str]) -> None:
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
             problem = getattr(err, "problem", None) or one_line(str(err))
             raise CommandLineError(f"--config {value}: not valid YAML: {problem}{where}") from None
+
+
+def load_yaml_strictly(text: str, source: str) -> Any:
+    """YAML as ``yaml.safe_load`` reads it, but a key given twice in one mapping is refused (YAML
+    keeps the last silently: a second ``model:`` block drops the first, adapter and all)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen and key != "<<":
+                    raise CommandLineError(f"{source}: key {key!r} given twice (line {seen[key]} and line {line}); "
+                                           "the second would replace the first: merge them into one")
+                seen.setdefault(key, line)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
 
 
 def _similar_files(path: Path) -> str | None:

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from svdecode_pl.cli.checks import describe_parser_error
 from svdecode_pl.cli.preflight import preflight
+from svdecode_pl.cli.run_directory import check_given_checkpoint, claim_run_directory
 from svdecode_pl.recipes.callbacks.progress import PhaseProgressBar
 from svdecode_pl.recipes.callbacks.steering import SteeringVectorCallback
 from svdecode_pl.recipes.module import SVDecodeModule
@@ -25,6 +26,7 @@ from svdecode_pl.tasks.commonsense import CommonsenseDataModule  # noqa: F401
 from svdecode_pl.tasks.completion import PromptCompletionDataModule  # noqa: F401
 from svdecode_pl.tasks.truthfulqa_gen import TruthfulQAGenerationDataModule  # noqa: F401
 from svdecode_pl.tasks.truthfulqa_mc import TruthfulQADataModule  # noqa: F401
+from svdecode_pl.utils.run_lock import release_run_locks
 
 
 class SVDecodeParser(LightningArgumentParser):
@@ -54,10 +56,19 @@ class SVDecodeCLI(LightningCLI):
         # never touches ``trainer.callbacks``; the callback is added to the trainer's callbacks.
         parser.add_lightning_class_args(SteeringVectorCallback, "steering")
 
+    def _parse_ckpt_path(self) -> None:
+        """The checkpoint checked (kind, model, PEFT method) before Lightning reads its hyper-parameters."""
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_given_checkpoint(self.config[subcommand])
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
-        """Paths and option combinations checked before any class (so any model) is built."""
+        """Paths and option combinations checked before any class (so any model) is built; then the
+        run directory claimed for this command (its lock, what it may hold, the checkpoint)."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         preflight(config)
+        claim_run_directory(config, self.subcommand)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         """``test`` prints the project's own results table (plain, steered, the change, the mu
@@ -148,6 +159,8 @@ def build_cli(args: list[str] | None = None) -> SVDecodeCLI:
         )
     except ArgumentError as err:
         raise describe_parser_error(str(err), _innermost_parser(err)) from err
+    finally:
+        release_run_locks()  # the run directory's lock, however the command ended
 
 
 def _innermost_parser(error: BaseException) -> LightningArgumentParser | None:

@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from svdecode_pl.cli.checks import load_yaml_strictly
 from svdecode_pl.utils.errors import DataFormatError
 
 STAGES = ("fit", "test", "predict")
@@ -91,7 +92,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml_strictly(path.read_text(encoding="utf-8"), str(path))  # a key given twice: one line
     except yaml.YAMLError as err:
         raise DataFormatError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(raw, dict) or "runs_dir" not in raw:
@@ -127,6 +128,14 @@ def stage_command(point: SweepPoint, stage: str, run_dir: Path, executable: list
     return command
 
 
+def fit_finished(run_dir: Path) -> bool:
+    """A point's fit wrote its run (the vector is the fit end's last file; without steering, the adapter
+    and no checkpoint to continue): a second fit into the directory is refused, so it is skipped."""
+    vector = (run_dir / "steering" / "steering_vector.json").is_file()
+    adapter = (run_dir / "adapter" / "adapter_config.json").is_file()
+    return vector or (adapter and not (run_dir / "checkpoints" / "last.ckpt").is_file())
+
+
 def run_point(spec: SweepSpec, point: SweepPoint, executable: list[str]) -> bool:
     """Run a point's stages unless its results exist; True if it ran."""
     run_dir = point.run_dir(spec.runs_dir)
@@ -135,6 +144,9 @@ def run_point(spec: SweepSpec, point: SweepPoint, executable: list[str]) -> bool
         return False
     run_dir.mkdir(parents=True, exist_ok=True)
     for stage in spec.stages:
+        if stage == "fit" and fit_finished(run_dir):
+            print(f"sweep: {point.name}: fit done already (adapter and vector written), skipped", flush=True)
+            continue
         command = stage_command(point, stage, run_dir, executable)
         print(f"sweep: {point.name}: {shlex.join(command[len(executable):])}", flush=True)
         with (run_dir / f"{stage}.log").open("a") as log:

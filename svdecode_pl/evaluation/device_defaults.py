@@ -18,6 +18,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+#: How far a question's summed log-probability may move with the questions that share its pass, on
+#: a CPU with more than one thread: torch splits elementwise kernels (SiLU's exp) and reductions
+#: among threads at boundaries that depend on the tensor's size, and a vectorised and a scalar tail
+#: round differently (measured on the tiny models: 0 at 1 and 2 threads, up to 3.4e-5 at 3, 1.5e-5 at
+#: 4, 3.1e-5 at 8; a sum over 152k entries already differs at 2). Bit for bit at one thread.
+PACKING_TOLERANCE = 1e-4
+
 #: Share of the free device memory the evaluation's transient tensors may take.
 MEMORY_SHARE = 0.5
 #: Tokens of one generated sequence assumed when sizing the generation batch (prompt + answer).
@@ -101,7 +108,8 @@ def choose_evaluation_defaults(
     """The scoring mode and budget, the generation batch and the attention implementation."""
     device_type = device.split(":")[0]
     if device_type != "cuda" or not free_memory_bytes:
-        why = "CPU: exact packing, scores independent of the batch" if device_type != "cuda" else \
+        why = f"CPU: exact packing, scores independent of the batch to {PACKING_TOLERANCE:.0e} (bit for bit at one " \
+            "thread)" if device_type != "cuda" else \
             "CUDA with unknown free memory: exact packing"
         return EvaluationDefaults(device_type, 0, CPU_GENERATION_BATCH, "sdpa", free_memory_bytes, why,
                                   compiled_decoding_default(device_type))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,6 +53,7 @@ class GenerationSettings:
         problems = [
             (self.max_new_tokens < 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.do_sample and not self.temperature > 0.0, f"sampling needs temperature > 0, got {self.temperature}"),
+            (not math.isfinite(self.temperature), f"temperature must be a finite number, got {self.temperature}"),
             (not 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k < 0, f"top_k must be >= 0 (0: off), got {self.top_k}"),
             (self.num_beams < 1, f"num_beams must be >= 1, got {self.num_beams}"),

@@ -16,11 +16,12 @@ and steered; :meth:`Record.to_json` is the one place a record becomes a JSON lin
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+
+from svdecode_pl.utils.files import json_text
 
 Variant = Literal["plain", "steered"]
 
@@ -92,7 +93,7 @@ class Record:
 
     def to_json(self) -> str:
         """The record's JSON line (no newline)."""
-        return json.dumps(self.to_dict(), ensure_ascii=False)
+        return json_text(self.to_dict(), ensure_ascii=False)  # NaN (a score of -inf) as null: valid JSON
 
 
 @dataclass(kw_only=True)

@@ -21,7 +21,12 @@ Steering off (no vector, or mu == 0) calls HFLM's methods untouched: HFLM's numb
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import inspect
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,7 @@ from transformers import LogitsProcessorList
 
 from svdecode_pl.models.heads import adapter_disabled, is_peft_model, output_vocab_size
 from svdecode_pl.steering.processor import SteeringLogitsProcessor
+from svdecode_pl.steering.values import check_steering_values
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.errors import OptionError
 
@@ -59,9 +65,13 @@ class SteeredHFLM(HFLM):
       steer_generation: steer ``generate_until`` too (default True)
     """
 
-    def __init__(self, pretrained: Any, steering: Any = None, mu: float | None = None, mu_scale: float = 1.0,
+    def __init__(self, pretrained: Any = None, steering: Any = None, mu: float | None = None, mu_scale: float = 1.0,
                  steer_generation: bool = True, **kwargs: Any) -> None:
-        super().__init__(pretrained=pretrained, **kwargs)
+        if pretrained is None:
+            raise OptionError("model_args: pretrained=<hub id or model directory> is missing")
+        check_steering_values("model_args ", mu=mu, mu_scale=mu_scale)
+        with model_args_checked(kwargs):
+            super().__init__(pretrained=pretrained, **kwargs)
         vector = load_steering(steering)
         if vector is not None:
             if mu is not None or float(mu_scale) != 1.0:
@@ -103,6 +113,24 @@ class SteeredHFLM(HFLM):
             others = list(generation_kwargs.pop("logits_processor", None) or [])
             generation_kwargs["logits_processor"] = LogitsProcessorList([processor, *others])
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+
+@contextlib.contextmanager
+def model_args_checked(kwargs: dict[str, Any]) -> Iterator[None]:
+    """HFLM hands ``model_args`` it does not know to ``from_pretrained``, where a misspelt one ends in
+    a TypeError deep in the model class; here it is one line naming it, with the closest valid names."""
+    try:
+        yield
+    except TypeError as error:
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if unexpected is None or unexpected.group(1) not in kwargs:
+            raise
+        name = unexpected.group(1)
+        known = [*inspect.signature(SteeredHFLM.__init__).parameters, *inspect.signature(HFLM.__init__).parameters]
+        close = difflib.get_close_matches(name, [k for k in known if k not in ("self", "kwargs")], n=2, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise OptionError(f"model_args '{name}': not an argument of the svdecode model, HFLM or the model's "
+                          f"from_pretrained{hint}") from error
 
 
 def lm_eval_argv(args: list[str]) -> list[str]:

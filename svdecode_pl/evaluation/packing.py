@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from svdecode_pl.evaluation.attention import Segment, SegmentLayout, segment_attention_active
+from svdecode_pl.evaluation.device_defaults import PACKING_TOLERANCE  # noqa: F401 (documented here too)
 from svdecode_pl.evaluation.scoring_job import ScoringJob, TokenScores
 from svdecode_pl.models.heads import MIN_GEMM_ROWS, hf_model, hidden_states_as_logits
 from svdecode_pl.utils.profiling import timed
@@ -35,7 +36,7 @@ def score_segments(job: ScoringJob, pack_tokens: int) -> list[TokenScores]:
     """:func:`score_many` with several contexts, each with the trie of its continuations, packed one after
     the other in one row of up to ``pack_tokens`` tokens, each segment attending to itself only
     (:func:`segment_attention`): few, large matrix products, no padding, and every score the same
-    whatever the packing, so 1 and N processes agree bit for bit."""
+    whatever the packing, bit for bit at one thread, to :data:`PACKING_TOLERANCE` at more."""
     inner = hf_model(job.model)
     implementation = inner.config._attn_implementation
     mask_dtype = inner.dtype  # additive: SDPA turns a boolean mask into one on every call

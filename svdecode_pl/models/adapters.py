@@ -13,10 +13,28 @@ from torch import nn
 
 from svdecode_pl.models.loading import resolve_name_or_path
 from svdecode_pl.models.zero import gathered, zero3_enabled
-from svdecode_pl.utils.errors import AdapterError, one_line
+from svdecode_pl.utils.errors import AdapterError, CheckpointError, one_line
 from svdecode_pl.utils.files import atomic_directory
 
 _CONFIG_FILE = "adapter_config.json"
+#: PEFT methods (PEFT's ``peft_type``) the project runs end to end: initialised from the run's seed,
+#: warm-started, switched off for the base logits, saved and loaded under every strategy
+#: (the README's four: LoRA, IA3, Prompt Tuning, P-Tuning v2 = prefix tuning)
+SUPPORTED_PEFT_TYPES = {"LORA": "peft.LoraConfig", "IA3": "peft.IA3Config", "PROMPT_TUNING": "peft.PromptTuningConfig",
+                        "PREFIX_TUNING": "peft.PrefixTuningConfig"}
+
+
+def check_peft_method(config: Any, source: str = "--model.peft") -> None:
+    """Refuse a PEFT method the project does not support (``config``: a PeftConfig, or the
+    ``peft_type`` an adapter_config.json records), in one line that lists the supported ones."""
+    if config is None:
+        return
+    peft_type = config if isinstance(config, str) else getattr(config, "peft_type", None)
+    peft_type = str(getattr(peft_type, "value", peft_type))
+    if peft_type not in SUPPORTED_PEFT_TYPES:
+        name = "" if isinstance(config, str) else f" {type(config).__module__.split('.')[0]}.{type(config).__name__}:"
+        raise AdapterError(f"{source}{name} PEFT method {peft_type!r} is not supported "
+                           f"(supported: {', '.join(SUPPORTED_PEFT_TYPES.values())})")
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -50,6 +68,7 @@ def check_adapter(path: str | Path, name_or_path: str) -> dict[str, Any]:
         raise AdapterError(f"{config_file}: not valid JSON ({err})") from None
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise AdapterError(f"{config_file}: field 'peft_type': missing (not a PEFT adapter config)")
+    check_peft_method(config["peft_type"], f"{config_file}: field 'peft_type':")
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         raise AdapterError(f"{path}: not a PEFT adapter (no {' or '.join(_WEIGHT_FILES)})")
     recorded = config.get("base_model_name_or_path")
@@ -83,6 +102,28 @@ def load_checked_adapter(model: nn.Module, path: str | Path, name_or_path: str, 
         raise AdapterError(
             f"{path}: adapter of {config.get('base_model_name_or_path')!r} does not fit --model.name_or_path "
             f"{name_or_path!r}: {detail}") from None
+
+
+def check_checkpoint_weights(model: nn.Module, state_dict: dict[str, Any], source: Any) -> None:
+    """The weights of a checkpoint (only the trainable ones are saved) are this model's trainable
+    weights, name for name and shape for shape; else one line. Lightning loads non-strictly (the
+    frozen base weights are not in the checkpoint), so another model's or PEFT method's weights
+    would otherwise be skipped without a word and the run go on from a fresh adapter."""
+    trainable = {f"model.{name}": p for name, p in model.named_parameters() if p.requires_grad}
+    if not state_dict and not trainable:
+        return
+    missing = sorted(set(trainable) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(trainable))
+    if unexpected or missing:
+        what = f"its weight {unexpected[0]!r} is not" if unexpected else f"this model's {missing[0]!r} is not in it"
+        raise CheckpointError(f"--ckpt_path {source}: a checkpoint of another model or PEFT method ({what} among "
+                              f"this model's {len(trainable)} trainable weights)")
+    for name, tensor in state_dict.items():
+        parameter = trainable[name]
+        shape, own = tuple(getattr(tensor, "shape", ())), tuple(getattr(parameter, "ds_shape", parameter.shape))
+        if shape and shape != own:  # (ZeRO-3 keeps a parameter's full shape in ds_shape)
+            raise CheckpointError(f"--ckpt_path {source}: weight {name!r} has shape {shape}, this model's "
+                                  f"{own}: a checkpoint of another model")
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -19,7 +19,13 @@ from svdecode_pl.evaluation.evaluator import Evaluator
 from svdecode_pl.evaluation.items import VARIANTS, Record
 from svdecode_pl.evaluation.settings import EvaluationSettings, ScoringSettings
 from svdecode_pl.metrics.per_question import QuestionTable
-from svdecode_pl.models.adapters import initialize_adapter, load_checked_adapter, save_adapter
+from svdecode_pl.models.adapters import (
+    check_checkpoint_weights,
+    check_peft_method,
+    initialize_adapter,
+    load_checked_adapter,
+    save_adapter,
+)
 from svdecode_pl.models.heads import hf_model, output_vocab_size, target_hidden_states
 from svdecode_pl.models.loading import DType, load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from svdecode_pl.models.zero import hf_zero3_loading
@@ -36,6 +42,10 @@ from svdecode_pl.results.payload import (
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.errors import OptionError
 from svdecode_pl.utils.seeding import run_seed
+from svdecode_pl.utils.validation import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_values
+
+MODULE_RULES = {"learning_rate": POSITIVE, "weight_decay": NON_NEGATIVE, "chunk_tokens": POSITIVE_INT,
+                "score_batch_tokens": COUNT.or_none()}
 
 
 class SVDecodeModule(LightningModule):
@@ -92,6 +102,10 @@ class SVDecodeModule(LightningModule):
                 a torch optimizer there), see :func:`svdecode_pl.recipes.optimizer.build_optimizer`.
         """
         super().__init__()
+        check_values("--model.", {"learning_rate": learning_rate, "weight_decay": weight_decay,
+                                  "chunk_tokens": chunk_tokens, "score_batch_tokens": score_batch_tokens},
+                     MODULE_RULES)
+        check_peft_method(peft)
         self.save_hyperparameters(ignore=["peft"])
         # the adapter config is recorded by LightningCLI's config.yaml and PEFT's adapter_config.json
         self.peft_config = peft
@@ -206,8 +220,13 @@ class SVDecodeModule(LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # dropout masks after a resume are those of an uninterrupted run
         checkpoint["torch_rng_state"] = torch.get_rng_state()
+        # what the checkpoint belongs to, checked before a resume loads anything (cli/run_directory.py)
+        checkpoint["svdecode_run"] = {"name_or_path": self.hparams.name_or_path,
+                                      "peft": None if self.peft_config is None else type(self.peft_config).__name__}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" in checkpoint:
+            check_checkpoint_weights(self.model, checkpoint["state_dict"], self.trainer.ckpt_path)
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
 
@@ -266,6 +285,8 @@ class SVDecodeModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         datamodule = self.datamodule
         ids, groups, values = self.eval_table.compute()
+        # torchmetrics squeezes a one-element output to 0-d: one test question would index a 0-d mask
+        ids, groups = ids.reshape(-1), groups.reshape(-1)
         table = self.eval_table
         metrics, per_group = table_metrics(datamodule.metric_names, table.columns, table.groups, groups, values)
         for name, by_variant in metrics.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 from svdecode_pl.evaluation.items import VARIANTS
 from svdecode_pl.steering.estimates import ESTIMATES
 from svdecode_pl.steering.vector import SteeringVector
-from svdecode_pl.utils.files import atomic_write_text
+from svdecode_pl.utils.files import atomic_write_text, json_text
 
 
 def _column_means(columns: list[str], rows: torch.Tensor) -> dict[str, float | None]:
@@ -113,7 +112,7 @@ def _estimates(steering: SteeringVector, scored: dict[str, dict[str, Any]]) -> d
 
 def write_results(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write atomically: a crash never leaves a half-written results.json behind."""
-    return atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    return atomic_write_text(path, json_text(payload, indent=2) + "\n")  # never NaN: valid JSON always
 
 
 def is_fraction(metric: str) -> bool:

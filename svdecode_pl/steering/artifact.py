@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ from torch import nn
 from svdecode_pl.models.heads import output_vocab_size
 from svdecode_pl.models.loading import DType, load_causal_lm
 from svdecode_pl.steering.processor import SteeringLogitsProcessor
+from svdecode_pl.steering.values import check_steering_values
 from svdecode_pl.steering.vector import SteeringVector
-from svdecode_pl.utils.errors import AdapterError, SteeringArtifactError
+from svdecode_pl.utils.errors import AdapterError, ExternalError, SteeringArtifactError
 
 STEERING_DIR = "steering"
 GENERATE_FILE = Path("custom_generate") / "generate.py"
@@ -95,6 +97,7 @@ def load_steered(path: str | Path, base_model: str | None = None, dtype: DType =
     before the artifact existed (``<run>/adapter`` + ``<run>/steering``) load the same way."""
     from peft import PeftModel
 
+    check_steering_values("load_steered: ", mu=mu)
     path = Path(path)
     model = PeftModel.from_pretrained(load_causal_lm(base_model or adapter_base_model(path), dtype), str(path))
     model.eval()
@@ -193,4 +196,18 @@ def main(args: list[str]) -> None:
         raise OptionError("push: HF_HUB_OFFLINE is set; unset it to upload") from None
     except HfHubHTTPError as error:
         raise OptionError(f"push: the Hub refused the upload to {opts.repo_id}: {one_line(str(error))}") from None
+    except Exception as error:  # noqa: BLE001 -- the network's own errors (httpx, requests, sockets), by module
+        if not _network_error(error):
+            raise
+        endpoint = opts.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        raise ExternalError(f"push: cannot reach the Hub at {endpoint} ({type(error).__name__}: "
+                            f"{one_line(str(error))}); check the network (or HF_ENDPOINT, --endpoint) and run the "
+                            "same command again: nothing was uploaded or changed") from error
     print(url)
+
+
+def _network_error(error: BaseException) -> bool:
+    """A connection, DNS or timeout failure of the HTTP client huggingface_hub uses."""
+    modules = ("httpx", "httpcore", "requests", "urllib3", "socket", "ssl")
+    return isinstance(error, (ConnectionError, TimeoutError)) or type(error).__module__.split(".")[0].rstrip(
+        "0123456789") in modules

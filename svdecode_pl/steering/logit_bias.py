@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from svdecode_pl.steering.values import STEERING_RULES, check_steering_values
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.errors import OptionError
+from svdecode_pl.utils.validation import check_value
 
 #: the most entries current vLLM accepts in one request's logit_bias
 MAX_ENTRIES = 1024
@@ -52,6 +54,7 @@ def export_logit_bias(vector: SteeringVector, max_entries: int | None = None, cl
                           "step's base logits, which a server does not compute); use a static vector")
     shift = (vector.mu * vector.direction).double()
     vocab = shift.numel()
+    check_steering_values("logit_bias: ", clamp=clamp, max_entries=max_entries)
     if max_entries is None:
         max_entries = min(MAX_ENTRIES, vocab)
     if not 0 < max_entries <= vocab:
@@ -124,6 +127,8 @@ def main(args: list[str]) -> None:
                         help="also write the bias as a static steering vector (direction = bias / mu) into DIR, "
                              "for `svdecode test` to score what a server would apply")
     opts = parser.parse_args(args)
+    for option, name in (("--mu", "mu"), ("--clamp", "clamp"), ("--max-entries", "max_entries")):
+        check_value(option, getattr(opts, name), STEERING_RULES[name])
     path = Path(opts.steering)
     if not (path / "steering_vector.json").exists() and (path / "steering" / "steering_vector.json").exists():
         path = path / "steering"
@@ -135,7 +140,7 @@ def main(args: list[str]) -> None:
     result = export_logit_bias(vector, opts.max_entries, opts.clamp)
     if opts.as_steering:
         as_steering_vector(vector, result).save(opts.as_steering)
-    text = json.dumps({"logit_bias": {str(k): round(v, 6) for k, v in result.bias.items()}})
+    text = json.dumps({"logit_bias": {str(k): round(v, 6) for k, v in result.bias.items()}}, allow_nan=False)
     if opts.output:
         opts.output.write_text(text + "\n")
     else:

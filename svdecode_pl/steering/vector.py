@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from svdecode_pl.steering.values import STEERING_RULES, check_steering_values
 from svdecode_pl.utils.errors import SteeringArtifactError
 from svdecode_pl.utils.files import atomic_directory
 
@@ -191,6 +192,8 @@ class SteeringVector:
     ) -> None:
         if mode not in ("static", "dynamic"):
             raise ValueError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+        # a vector that could not be loaded back (NaN strength) is never built
+        check_steering_values("SteeringVector: ", mu=mu, confidence_threshold=confidence_threshold)
         if mode == "static":
             if direction is None or direction.dim() != 1:
                 raise ValueError("a static steering vector needs a (V,) direction tensor")
@@ -318,9 +321,9 @@ def _read_metadata(meta_file: Path) -> dict[str, Any]:
         raise fail("mode", f"unknown mode {meta['mode']!r} (expected 'static' or 'dynamic')")
     if not _is_number(meta["mu"]) or not math.isfinite(meta["mu"]):
         raise fail("mu", f"expected a finite number, got {meta['mu']!r}")
-    threshold = meta["confidence_threshold"]
-    if not _is_number(threshold) or not 0.0 <= threshold <= 1.0:
-        raise fail("confidence_threshold", f"expected a number in [0, 1], got {threshold!r}")
+    threshold = STEERING_RULES["confidence_threshold"].problem(meta["confidence_threshold"])
+    if threshold is not None:
+        raise fail("confidence_threshold", f"{threshold}, got {meta['confidence_threshold']!r}")
     if not isinstance(meta["metadata"], dict):
         raise fail("metadata", f"expected a JSON object, got {type(meta['metadata']).__name__}")
     vocab_size = meta["metadata"].get("vocab_size")

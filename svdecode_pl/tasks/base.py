@@ -25,9 +25,26 @@ from svdecode_pl.evaluation.generation_settings import GenerationSettings
 from svdecode_pl.evaluation.items import ChoiceItem, EvalItem
 from svdecode_pl.evaluation.judges import JudgeSettings
 from svdecode_pl.models.loading import load_tokenizer, resolve_name_or_path
+from svdecode_pl.tasks.context import fit_examples_to_context, fit_items_to_context, model_context_limit
 from svdecode_pl.tasks.resumable import ResumableDataLoader
-from svdecode_pl.utils.errors import DataFormatError
+from svdecode_pl.utils.errors import DataFormatError, OptionError
 from svdecode_pl.utils.seeding import run_seed
+from svdecode_pl.utils.validation import COUNT, POSITIVE_INT, UNIT_INTERVAL, check_values
+
+#: the rules of the task data modules' numeric options (one name, one rule, whichever task has it)
+TASK_RULES = {"batch_size": POSITIVE_INT, "eval_batch_size": POSITIVE_INT, "num_workers": COUNT,
+              "synthetic_questions": COUNT, "limit": POSITIVE_INT.or_none(), "limit_train": POSITIVE_INT.or_none(),
+              "limit_test": POSITIVE_INT.or_none(), "val_size": COUNT, "max_new_tokens": POSITIVE_INT,
+              "train_fraction": UNIT_INTERVAL, "val_fraction": UNIT_INTERVAL}
+
+
+def check_task_values(arguments: dict[str, Any]) -> None:
+    """A data module's ``__init__`` arguments (its ``locals()``) that have a rule in :data:`TASK_RULES`."""
+    check_values("--data.", {k: v for k, v in arguments.items() if k in TASK_RULES}, TASK_RULES)
+    train, val = arguments.get("train_fraction"), arguments.get("val_fraction")
+    if train is not None and val is not None and train + val > 1.0 + 1e-9:  # (0.8 + 0.2 is 1: no rounding refusal)
+        raise OptionError(f"--data.train_fraction {train}, --data.val_fraction {val}: need "
+                          "0 <= train_fraction <= 1 and 0 <= val_fraction <= 1 - train_fraction")
 
 Split = Literal["train", "validation", "test"]
 
@@ -204,18 +221,36 @@ class TaskDataModule(LightningDataModule):
     def lm_dataloader(self, split: Split, shuffle: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
         """Prompt+target sequences of a split, for warm-start and steering calibration (the
         ``rank``-th of ``world_size`` equal shards, see :func:`lm_loader`)."""
-        examples = [self.lm_example(example) for example in self.split(split)]
-        if not examples:
-            raise DataFormatError(f"{self.source}: split {split!r} is empty (check the split settings)")
+        self.require_examples(split)
+        examples = fit_examples_to_context([self.lm_example(example) for example in self.split(split)],
+                                           self.context_limit(), f"{self.source}: {split} split")
         hp = self.hparams
         pad = self.tokenizer.pad_token_id
         return lm_loader(examples, hp.batch_size, pad, run_seed(hp.seed), shuffle, rank, world_size, hp.num_workers)
 
     def eval_items(self, split: Split = "test") -> list[EvalItem]:
-        """Every example of a split as an evaluation item, in split order (``uid`` = position)."""
-        return mark_shared_prefix([self.eval_item(example, uid) for uid, example in enumerate(self.split(split))])
+        """Every example of a split as an evaluation item, in split order (``uid`` = position); prompts
+        beyond the model's context cut from the left (:func:`fit_items_to_context`)."""
+        items = [self.eval_item(example, uid) for uid, example in enumerate(self.split(split))]
+        settings = self.generation_settings()
+        new_tokens = settings.max_new_tokens if settings is not None else 0
+        return mark_shared_prefix(fit_items_to_context(items, self.context_limit(), new_tokens,
+                                                       f"{self.source}: {split} split"))
+
+    def context_limit(self) -> int | None:
+        """The most tokens the model reads at once (its config's ``max_position_embeddings``)."""
+        return model_context_limit(self.hparams.tokenizer)
+
+    def require_examples(self, split: Split) -> None:
+        """An empty split is an error naming it and the splits' sizes (never a run that scores nothing)."""
+        if self.split(split):
+            return
+        sizes = ", ".join(f"{name} {len(self.split(name))}" for name in ("train", "validation", "test"))
+        raise DataFormatError(f"{self.source}: split {split!r} is empty ({sizes} examples); check "
+                              "--data.train_fraction / --data.val_fraction / --data.limit and the data file")
 
     def scoring_dataloader(self, split: Split = "test") -> DataLoader:
+        self.require_examples(split)
         return DataLoader(self.eval_items(split), batch_size=self.hparams.eval_batch_size,
                           num_workers=self.hparams.num_workers, collate_fn=collate_items)
 

@@ -28,7 +28,7 @@ from svdecode_pl.evaluation.encoding import encode_prompt_target
 from svdecode_pl.evaluation.generation_settings import GenerationSettings
 from svdecode_pl.evaluation.items import ChoiceItem, EvalItem, GenerationItem
 from svdecode_pl.metrics.choice import accuracy_score
-from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule
+from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule, check_task_values
 from svdecode_pl.tasks.commonsense_answers import (
     ALL_LABELS,
     DATASET_LABELS,
@@ -222,6 +222,7 @@ class CommonsenseDataModule(TaskDataModule):
             num_workers: DataLoader workers.
         """
         super().__init__()
+        check_task_values(locals())
         if data_dir is None and hub_id is None:
             raise OptionError(
                 "--data.data_dir, --data.hub_id: set data_dir (a local folder of <set>/test.json) or hub_id")

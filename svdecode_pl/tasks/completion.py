@@ -15,9 +15,9 @@ from typing import Any
 from svdecode_pl.evaluation.encoding import encode_prompt_target
 from svdecode_pl.evaluation.generation_settings import GenerationSettings
 from svdecode_pl.evaluation.items import GenerationItem
-from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule, seeded_splits
+from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule, check_task_values, seeded_splits
 from svdecode_pl.tasks.readers import read_json_rows
-from svdecode_pl.utils.errors import DataFormatError, OptionError
+from svdecode_pl.utils.errors import DataFormatError
 
 
 @dataclass
@@ -115,9 +115,7 @@ class PromptCompletionDataModule(TaskDataModule):
             num_workers: DataLoader workers.
         """
         super().__init__()
-        if not 0.0 <= train_fraction <= 1.0 or not 0.0 <= val_fraction <= 1.0 - train_fraction:
-            raise OptionError(f"--data.train_fraction {train_fraction}, --data.val_fraction {val_fraction}: need "
-                              "0 <= train_fraction <= 1 and 0 <= val_fraction <= 1 - train_fraction")
+        check_task_values(locals())
         self.save_hyperparameters()
         self.generation = generation or GenerationSettings(max_new_tokens=64, stop=["\n"])
 

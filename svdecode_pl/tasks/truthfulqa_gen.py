@@ -21,9 +21,9 @@ from svdecode_pl.evaluation.generation_settings import GenerationSettings
 from svdecode_pl.evaluation.items import GenerationItem
 from svdecode_pl.evaluation.judges import JudgeSettings
 from svdecode_pl.metrics.text import TRUTHFULQA_GEN_KEYS, split_answer_cell, truthfulqa_gen_references
-from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule, seeded_splits
+from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule, check_task_values, seeded_splits
 from svdecode_pl.tasks.readers import read_by_suffix, read_csv_rows, read_json_rows
-from svdecode_pl.utils.errors import DataFormatError, OptionError
+from svdecode_pl.utils.errors import DataFormatError
 
 
 @dataclass
@@ -170,9 +170,7 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
             num_workers: DataLoader workers.
         """
         super().__init__()
-        if not 0.0 <= train_fraction <= 1.0 or not 0.0 <= val_fraction <= 1.0 - train_fraction:
-            raise OptionError(f"--data.train_fraction {train_fraction}, --data.val_fraction {val_fraction}: need "
-                              "0 <= train_fraction <= 1 and 0 <= val_fraction <= 1 - train_fraction")
+        check_task_values(locals())
         world_named(world)
         self.save_hyperparameters()
         self.generation = generation or GenerationSettings()

@@ -17,6 +17,7 @@ from svdecode_pl.tasks.base import (
     LMExample,
     Split,
     TaskDataModule,
+    check_task_values,
     collate_items,
     collate_lm,
     lm_loader,
@@ -24,7 +25,7 @@ from svdecode_pl.tasks.base import (
     seeded_splits,
 )
 from svdecode_pl.tasks.readers import from_json_record, read_mc_file
-from svdecode_pl.utils.errors import DataFormatError, OptionError
+from svdecode_pl.utils.errors import DataFormatError
 
 __all__ = ["TruthfulQADataModule", "collate_items", "collate_lm", "encode_pair", "encode_pairs", "lm_loader",
            "mark_shared_prefix"]
@@ -105,9 +106,7 @@ class TruthfulQADataModule(TaskDataModule):
             num_workers: DataLoader workers.
         """
         super().__init__()
-        if not 0.0 <= train_fraction <= 1.0 or not 0.0 <= val_fraction <= 1.0 - train_fraction:
-            raise OptionError(f"--data.train_fraction {train_fraction}, --data.val_fraction {val_fraction}: need "
-                              "0 <= train_fraction <= 1 and 0 <= val_fraction <= 1 - train_fraction")
+        check_task_values(locals())
         world_named(world)
         self.save_hyperparameters()
 

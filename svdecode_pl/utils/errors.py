@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +41,14 @@ class AdapterError(UserInputError, ValueError):
     """A PEFT adapter directory that cannot be loaded onto the model."""
 
 
+class ExternalError(UserInputError):
+    """Something outside the run failed (the network, the Hub): one line that says what to do next."""
+
+
+class CheckpointError(UserInputError, ValueError):
+    """A ``--ckpt_path`` that is no Lightning checkpoint of this model and PEFT method."""
+
+
 class ModelPathError(UserInputError, OSError):
     """A model or tokenizer that cannot be found or loaded from ``--model.name_or_path``."""
 
@@ -63,6 +73,14 @@ def _raised_in(error: BaseException, prefixes: tuple[str, ...]) -> bool:
         return False
     module = frames[-1].filename.replace(os.sep, ".")
     return any(f".{prefix}" in module for prefix in prefixes)
+
+
+def user_warning(message: str) -> None:
+    """One line on stderr, ``svdecode: warning: ...``, from the first process only: something the
+    run did to the user's input (e.g. cut a prompt to fit the model), said once, without a traceback."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    if all(os.environ.get(name, "0") in ("", "0") for name in ranks):
+        print(f"svdecode: warning: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def one_line(text: str) -> str:
@@ -92,6 +110,9 @@ def user_error_message(error: BaseException) -> str | None:
         if isinstance(link, UserInputError):
             return one_line(str(link)) or type(link).__name__
     for link in _chain(error):
+        if _out_of_memory(link):
+            return out_of_memory_message(link)
+    for link in _chain(error):
         if isinstance(link, _PATH_ERRORS):
             if link.filename is not None and link.strerror:
                 return one_line(f"{link.filename}: {link.strerror}")
@@ -99,6 +120,24 @@ def user_error_message(error: BaseException) -> str | None:
         if isinstance(link, OSError) and _raised_in(link, _MODEL_LOADERS):
             return one_line(str(link))
     return None
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: CUDA's ``OutOfMemoryError``, the CPU allocator's RuntimeError, Python's MemoryError."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    markers = ("DefaultCPUAllocator", "can't allocate memory", "out of memory")
+    return isinstance(error, RuntimeError) and any(marker.lower() in text.lower() for marker in markers)
+
+
+def out_of_memory_message(error: BaseException) -> str:
+    """One line for a failed allocation, with what to lower."""
+    text = one_line(str(error))
+    asked = re.search(r"tried to allocate ([\d.]+ ?\w+)", text, re.IGNORECASE)
+    size = f" (an allocation of {asked.group(1)})" if asked else ""
+    return (f"out of memory{size}: lower --data.eval_batch_size, --model.score_batch_tokens or --model.chunk_tokens "
+            "(or --data.batch_size when fitting), shorten the inputs, or use a device with more memory")
 
 
 @contextlib.contextmanager

@@ -34,10 +34,31 @@ def complete_lines(path: Path) -> list[str]:
     return lines
 
 
+def evaluation_signature(evaluation: Any) -> dict[str, Any]:
+    """Everything of the evaluation settings that changes a record: the steering vector (its direction's
+    bytes, mode, strength and filter), the strengths scored beside it, and how items decode and are
+    judged and scored."""
+    if evaluation is None:
+        return {}
+    steering = evaluation.steering
+    vector = steering.vector
+    described = None
+    if vector is not None:
+        direction = None if vector.direction is None else hashlib.sha256(
+            vector.direction.contiguous().cpu().numpy().tobytes()).hexdigest()
+        described = {"mode": vector.mode, "mu": vector.mu, "confidence_threshold": vector.confidence_threshold,
+                     "direction": direction, "provenance": vector.metadata.get("provenance")}
+    return {"vector": described, "mu_grid": steering.mu_grid, "estimates": steering.estimates,
+            "generation": repr(evaluation.generation), "judges": repr(evaluation.judges),
+            "scoring": repr(evaluation.scoring)}
+
+
 def run_signature(trainer: Trainer, pl_module: LightningModule) -> str:
-    """A hash of the model's and the data's settings: part files of another run are not reused."""
+    """A hash of the model's, the data's and the evaluation's settings (strength, mode, decoding): part
+    files of a run with other settings are not reused, so a resumed run never mixes two strengths."""
     datamodule = getattr(trainer, "datamodule", None)
-    settings = [dict(pl_module.hparams), dict(getattr(datamodule, "hparams", {}) or {})]
+    settings = [dict(pl_module.hparams), dict(getattr(datamodule, "hparams", {}) or {}),
+                evaluation_signature(getattr(pl_module, "evaluation", None))]
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
@@ -51,7 +72,9 @@ class JSONLPredictionWriter(BasePredictionWriter):
     dropped), and the module skips the questions they hold (:attr:`SVDecodeModule.completed_predictions`),
     on any number of processes. Each part starts with the run's settings signature; parts of
     another run are discarded. A SIGTERM (what SLURM sends on requeue or preemption, before its
-    SIGKILL) ends the run after the batch in hand, its records written, with exit status 143.
+    SIGKILL) ends the run after the batch in hand, its records written, with exit status 143. The
+    signature covers the steering vector and strength, the mode and the decoding settings: a run
+    started again with another ``--steering.mu`` starts over (its predecessor's parts are replaced).
     """
 
     def __init__(self, output: str | None = None, resume: bool = True) -> None:
@@ -79,6 +102,14 @@ class JSONLPredictionWriter(BasePredictionWriter):
         pattern = re.compile(re.escape(path.name) + r"\.part\d+")
         return sorted(p for p in path.parent.glob(f"{path.name}.part*") if pattern.fullmatch(p.name))
 
+    def _other_settings(self, trainer: Trainer, signature: str) -> bool:
+        """Whether a part file holds records of a run with another signature."""
+        for part in self._parts(trainer):
+            lines = complete_lines(part)
+            if len(lines) > 1 and json.loads(lines[0]).get("run_signature") != signature:
+                return True
+        return False
+
     @staticmethod
     def _records(part: Path, signature: str) -> list[str]:
         """The record lines of a part written by a run with this signature."""
@@ -87,13 +118,19 @@ class JSONLPredictionWriter(BasePredictionWriter):
             return []
         return lines[1:]
 
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """After every ``on_predict_start`` (the steering callback's attaches the vector, the module's
+        the decoding settings), so the run's signature covers what they set."""
         from svdecode_pl.models.zero import zero3_enabled
 
         part = self._part(trainer, trainer.global_rank)
         part.parent.mkdir(parents=True, exist_ok=True)
         signature = run_signature(trainer, pl_module)
         header = json.dumps({"run_signature": signature})
+        if trainer.is_global_zero and self.resume and self._other_settings(trainer, signature):
+            print(f"svdecode: note: {self.path(trainer)}.part* were written with other settings (model, data, "
+                  "steering strength or mode, or decoding): they are replaced, every record is computed afresh",
+                  flush=True)
         # keep this rank's complete records of the same run, drop a torn last line
         kept = self._records(part, signature) if self.resume else []
         atomic_write_text(part, "".join(line + "\n" for line in [header, *kept]))

@@ -16,9 +16,12 @@ from tqdm.auto import tqdm
 
 from svdecode_pl.recipes.callbacks.estimates import calibrate, heldout_mu_star, validation_best
 from svdecode_pl.recipes.host import SteeringHost
+from svdecode_pl.recipes.run_unit import fit_provenance, vector_directory
 from svdecode_pl.steering.artifact import save_artifact
 from svdecode_pl.steering.calibration import SteeringStatistics
 from svdecode_pl.steering.estimates import DEFAULT_ESTIMATE, FILTER_THRESHOLD, EstimateName, chosen_strength
+from svdecode_pl.steering.provenance import PROVENANCE_KEY, check_vector_belongs
+from svdecode_pl.steering.values import check_steering_values
 from svdecode_pl.steering.vector import SteeringMode, SteeringVector
 
 
@@ -77,6 +80,8 @@ class SteeringVectorCallback(Callback):
         super().__init__()
         if mode not in ("static", "dynamic"):
             raise ValueError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+        check_steering_values("--steering.", mu=mu, mu_scale=mu_scale, confidence_threshold=confidence_threshold,
+                              eps=eps, filter_threshold=filter_threshold, mu_grid=mu_grid or [])
         self.mode: SteeringMode = mode
         self.confidence_threshold = confidence_threshold
         self.eps = eps
@@ -173,6 +178,7 @@ class SteeringVectorCallback(Callback):
         adapter = Path(trainer.default_root_dir) / "adapter"
         host.save_adapter(adapter)
         if vector is not None and trainer.is_global_zero:
+            vector.metadata[PROVENANCE_KEY] = fit_provenance(trainer, host, adapter).as_dict()
             path = vector.save(self.artifact_dir(trainer))
             if adapter.is_dir():
                 save_artifact(None, vector, adapter)
@@ -196,13 +202,15 @@ class SteeringVectorCallback(Callback):
         if attached is not None:
             host.evaluation.use_steering(attached, self.grid_strengths(attached), scored_estimates(attached))
             return
-        path = self.artifact_dir(trainer)
+        path = vector_directory(trainer, pl_module, self.dirpath)
         if not path.exists():
             rank_zero_info(f"no steering vector at {path}: scoring without steering")
             return
         vector = SteeringVector.load(path)
         fingerprint = host.metadata["tokenizer_fingerprint"]
         vector.check_compatible(host.vocab_size, fingerprint, source=str(path / "steering_vector.json"))
+        check_vector_belongs(vector.metadata, str(path / "steering_vector.json"),
+                             getattr(pl_module.hparams, "adapter_path", None), trainer.ckpt_path is not None)
         self.steer_at(vector)
         host.evaluation.use_steering(vector, self.grid_strengths(vector), scored_estimates(vector))
         rank_zero_info(f"loaded {vector} from {path}")
