@@ -286,3 +286,18 @@ def choose_by_rule(rule: str | float, scores: ValidationScores | None, selection
     return StrengthChoice(rule=name, mode=chosen.mode, mu=chosen.mu, reason=reason + " (no guard)",
                           selection_metric=selection.name if gain is not None else None,
                           validation_gain=gain, estimates=estimates, mu_scale=mu_scale)
+
+
+def choose(rule: str | float, scores: ValidationScores | None, selection: SelectionMetric, grid: list[Candidate],
+           estimates: dict[str, ModeEstimates], pinned: SteeringMode | None, mu_scale: float = 1.0) -> StrengthChoice:
+    """The run's choice under ``rule`` (see the module's docstring); ``pinned``: the mode given."""
+    if rule == "validation":
+        return choose_on_validation(scores, selection, grid, estimates, pinned)
+    return choose_by_rule(rule, scores, selection, estimates, (pinned,) if pinned else MODES, mu_scale)
+
+
+def describe(choice: StrengthChoice) -> str:
+    """The console's one line about the choice."""
+    if choice.rule == "validation" and not choice.guard_passed:
+        return STEERING_OFF if choice.validation_gain is not None else f"{choice.reason}"
+    return f"steering at {choice.candidate} ({choice.rule} rule): {choice.reason}"
