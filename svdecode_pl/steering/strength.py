@@ -179,11 +179,13 @@ class StrengthChoice:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StrengthChoice:
         gain = data.get("validation_gain")
+        estimates, curves = data.get("estimates") or {}, data.get("validation_curves")
         return cls(rule=data["rule"], mode=data["mode"], mu=float(data["mu"]), reason=data.get("reason", ""),
                    selection_metric=data.get("selection_metric"), guard_passed=data.get("guard_passed"),
                    validation_gain=None if gain is None else Interval.from_dict(gain),
-                   estimates={m: ModeEstimates(**e) for m, e in (data.get("estimates") or {}).items()},
-                   validation_curves=data.get("validation_curves"), mu_scale=float(data.get("mu_scale", 1.0)))
+                   estimates={m: ModeEstimates(**estimates[m]) for m in MODES if m in estimates},
+                   validation_curves=None if curves is None else {m: curves[m] for m in MODES if m in curves},
+                   mu_scale=float(data.get("mu_scale", 1.0)))
 
     @classmethod
     def legacy(cls, mode: SteeringMode, mu: float, metadata: dict[str, Any]) -> StrengthChoice:
