@@ -8,6 +8,7 @@ exact; the mode test runs the pipeline on a miniature cell where only dynamic st
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from svdecode_pl.steering.strength import (
 )
 from svdecode_pl.steering.vector import FORMAT_VERSION, SteeringVector
 
+ROOT = Path(__file__).resolve().parents[1]
 MC = SelectionMetric(("mc1", "mc2"), ("mc1", "mc2", "mc3"))
 GRID = [-1000.0, -300.0, -100.0, -30.0, -10.0, -3.0, -1.0, -0.3, -0.1, 0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0,
         100.0, 300.0, 1000.0]
@@ -206,3 +208,34 @@ def test_a_format_1_artifact_still_loads(tmp_path, mode):
     assert (choice.rule, choice.mode, choice.mu, choice.guard_passed) == ("validation", mode, -300.0, None)
     assert choice.estimates == {mode: ModeEstimates(-0.4, -0.48, -0.41)}
     assert StrengthChoice.from_dict(choice.to_dict()) == choice
+
+
+@pytest.mark.slow
+def test_on_a_miniature_cell_where_only_dynamic_helps_the_default_picks_dynamic(tmp_path, monkeypatch):
+    """svdecode-mini-gadgets (a tuning member of the family), the quickstart's settings at 80
+    warm-start steps, seed 0: the adapter already answers most questions (plain test MC1 85.5), no
+    static strength of the grid raises MC1 on test, and static alone does not pass the guard on
+    validation; dynamic mu = -10 lifts test MC1 to 98. The default (mode null) picks dynamic."""
+    from svdecode_pl.cli.entry import run_cli
+    from svdecode_pl.recipes.callbacks import steering as steering_callback
+    from svdecode_pl.tasks.truthfulqa_mc import MC_SELECTION
+
+    captured = []
+    passes = steering_callback.validation_scores
+    monkeypatch.setattr(steering_callback, "validation_scores", lambda *args: captured.append(passes(*args)) or
+                        captured[-1])
+    common = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--config",
+              str(ROOT / "configs" / "family" / "svdecode-mini-gadgets.yaml"), "--trainer.default_root_dir",
+              str(tmp_path), "--seed_everything", "0", "--trainer.max_steps", "80", "--trainer.callbacks", "[]",
+              "--trainer.enable_progress_bar", "false"]
+    run_cli(["fit", *common])
+    run_cli(["test", *common, "--model.adapter_path", str(tmp_path / "adapter")])
+    results = json.loads((tmp_path / "results.json").read_text())
+    steering = results["steering"]
+    assert steering["mode"] == "dynamic" and steering["mu"] != 0.0 and steering["choice"]["guard_passed"]
+    scores = captured[0]
+    static = [c for c in scores.candidates if c.mode == "static"]
+    assert len(static) == len(GRID) and choose("validation", scores, MC_SELECTION, static, {}, "static").mu == 0.0
+    assert results["test_difference"]["mc1"]["low"] > 0.0  # the chosen dynamic strength helps on test
+    plain = results["metrics"]["mc1"]["plain"]
+    assert max(results["test_curves"]["static"]["metrics"]["mc1"]) <= plain + 0.01  # no static strength does
