@@ -285,8 +285,10 @@ class SteeringVector:
             direction = read_direction(tensor_file, meta["metadata"].get("vocab_size"))
         try:
             choice = meta.get("strength_choice")
-            choice = StrengthChoice.legacy(meta["mode"], meta["mu"], meta["metadata"]) if choice is None \
-                else StrengthChoice.from_dict(choice)
+            if meta.get("format_version", 1) < 2:
+                choice = StrengthChoice.legacy(meta["mode"], meta["mu"], meta["metadata"])
+            elif choice is not None:
+                choice = StrengthChoice.from_dict(choice)
         except (KeyError, TypeError, ValueError) as err:
             raise SteeringArtifactError(f"{meta_file}: field 'strength_choice': {err!r}") from None
         try:
