@@ -54,6 +54,6 @@ def test_steering_at_the_default_estimate_beats_plain_on_held_out_questions(tmp_
     run_cli(["test", *common, "--model.adapter_path", str(tmp_path / "adapter")])
     results = json.loads((tmp_path / "results.json").read_text())
     mc2 = results["metrics"]["mc2"]
-    print(f"seed {seed} ({BREAK or 'intact'}): strength {results['steering']['strength']} "
+    print(f"seed {seed} ({BREAK or 'intact'}): strength {results['steering']['choice']['rule']} "
           f"mu={results['steering']['mu']:.4g}, MC2 plain {100 * mc2['plain']:.2f} steered {100 * mc2['steered']:.2f}")
     assert mc2["steered"] > mc2["plain"] + 0.005, f"seed {seed}: steering did not raise held-out MC2: {mc2}"
