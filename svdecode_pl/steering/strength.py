@@ -246,7 +246,7 @@ def choose_on_validation(scores: ValidationScores | None, selection: SelectionMe
     chosen, gain = grid[index], band[index]
     passed, reason = guard(ValidationScores(scores.metrics, grid, scores.plain, scores.values[:, scores.columns(grid)]),
                            selection, chosen, gain)
-    steered = chosen if passed else Candidate(pinned or chosen.mode, 0.0)
+    steered = chosen if passed else Candidate(off_mode, 0.0)  # off: static unless pinned (no base model needed)
     return StrengthChoice(mode=steered.mode, mu=steered.mu, guard_passed=passed, validation_gain=gain,
                           reason=reason, validation_curves=_validation_curves(scores, selection, grid), **common)
 

@@ -145,7 +145,8 @@ class SteeringVectorCallback(Callback):
         # where and how long (the first process's clock): a GPU run must show a GPU here
         vector.metadata["extraction"] = {"device": str(host.device), "processes": trainer.world_size,
                                          "calibration_seconds": round(calibration_seconds(), 3),
-                                         "estimate_seconds": round(estimate_seconds(), 3)}
+                                         "estimate_seconds": round(estimate_seconds(), 3),
+                                         **vector.metadata.get("extraction", {})}
         model.train(was_training)
         return vector
 
@@ -160,11 +161,14 @@ class SteeringVectorCallback(Callback):
         grid = grid_candidates(self.mu_grid, self.mu_grid_relative, estimates, self.modes)
         offered = [] if self.strength == "validation" else \
             rule_candidates(self.strength, estimates, self.modes, self.mu_scale)
-        scores = validation_scores(trainer, pl_module, vector, list(dict.fromkeys([*grid, *offered])))
+        with device_seconds(pl_module.device) as validation_seconds:
+            scores = validation_scores(trainer, pl_module, vector, list(dict.fromkeys([*grid, *offered])))
         choice = choose(self.strength, scores, trainer.datamodule.selection, grid, estimates, self.mode,
                         self.mu_scale)
         rank_zero_info(describe(choice))
-        return vector.chosen(choice)
+        chosen = vector.chosen(choice)
+        chosen.metadata["extraction"] = {"validation_seconds": round(validation_seconds(), 3)}
+        return chosen
 
     def rechosen(self, vector: SteeringVector) -> SteeringVector:
         """A loaded vector at this callback's explicit strength when its record holds another (e.g.
