@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from svdecode_pl.steering.strength import Candidate, best_index
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "truthfulqa_gen" / "quickstart.yaml"
 SELECTIONS = ("references", "decoding")
@@ -44,8 +46,11 @@ def choose(run_dir: Path, adapter: Path, seed: int, selection: str) -> dict:
     svdecode("fit", *common(run_dir, seed, 0), "--model.adapter_path", str(adapter), "--data.selection", selection)
     meta = json.loads((run_dir / "steering" / "steering_vector.json").read_text())
     choice = meta["strength_choice"]
+    curves = choice["validation_curves"]
+    candidates = [Candidate(mode, mu) for mode, curve in curves.items() for mu in curve["mu"]]
+    best = candidates[best_index(candidates, [g for curve in curves.values() for g in curve["gain"]])]
     return {"mode": choice["mode"], "mu": choice["mu"], "seconds": meta["metadata"]["extraction"]["validation_seconds"],
-            "reason": choice["reason"]}
+            "best": [best.mode, best.mu], "reason": choice["reason"]}
 
 
 def cell(out: Path, steps: int, seed: int, repeat: int) -> dict[str, dict]:
@@ -68,20 +73,25 @@ def cell(out: Path, steps: int, seed: int, repeat: int) -> dict[str, dict]:
 
 
 def summary(cells: dict[tuple[int, int], dict[str, dict]]) -> str:
-    lines = ["| steps | seed | references: (mode, mu), s | decoding: (mode, mu), s | same |", "|---|---|---|---|---|"]
+    lines = ["| steps | seed | references: steered at (best before the guard), s | decoding: the same | same |",
+             "|---|---|---|---|---|"]
     for (steps, seed), found in cells.items():
         ref, dec = found["references"], found["decoding"]
         same = (ref["mode"], ref["mu"]) == (dec["mode"], dec["mu"])
-        lines.append(f"| {steps} | {seed} | {ref['mode']} {ref['mu']:g}, {ref['seconds']:.1f} | "
-                     f"{dec['mode']} {dec['mu']:g}, {dec['seconds']:.1f} | {'yes' if same else 'no'} |")
+        lines.append(f"| {steps} | {seed} | {ref['mode']} {ref['mu']:g} ({ref['best'][0]} {ref['best'][1]:g}), "
+                     f"{ref['seconds']:.1f} | {dec['mode']} {dec['mu']:g} ({dec['best'][0]} {dec['best'][1]:g}), "
+                     f"{dec['seconds']:.1f} | {'yes' if same else 'no'} |")
     ref_s = statistics.median(c["references"]["seconds"] for c in cells.values())
     dec_s = statistics.median(c["decoding"]["seconds"] for c in cells.values())
     same = sum((c["references"]["mode"], c["references"]["mu"]) == (c["decoding"]["mode"], c["decoding"]["mu"])
                for c in cells.values())
     steered = sum((c["references"]["mu"] != 0.0) == (c["decoding"]["mu"] != 0.0) for c in cells.values())
+    best = sum(c["references"]["best"] == c["decoding"]["best"] for c in cells.values())
+    modes = sum(c["references"]["best"][0] == c["decoding"]["best"][0] for c in cells.values())
     lines += ["", f"validation pass, median: references {ref_s:.1f} s, decoding {dec_s:.1f} s "
                   f"({dec_s / ref_s:.0f}x); same (mode, mu) in {same} of {len(cells)} cells; "
-                  f"both steered or both off in {steered} of {len(cells)}"]
+                  f"both steered or both off in {steered} of {len(cells)}; the same best candidate before the guard "
+                  f"in {best} of {len(cells)} (the same mode in {modes})"]
     return "\n".join(lines)
 
 

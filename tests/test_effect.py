@@ -1,5 +1,5 @@
 """The effect shows (issue 18, item 5): on the pre-trained miniature after a short warm-start,
-steering at the default strength estimate raises the held-out MC2 over plain, in each of 3 seeds.
+steering (static, at the default strength choice) raises the held-out MC2 over plain, in each of 3 seeds.
 
 The test can fail: set ``SVDECODE_EFFECT_BREAK`` to break the pipeline on purpose and run it again
 (README, "Which strength", records the numbers):
@@ -32,13 +32,14 @@ def _break_pipeline(monkeypatch) -> None:
     if BREAK == "base":
         monkeypatch.setattr(calibration, "adapter_disabled", lambda model: contextlib.nullcontext())
     elif BREAK == "negate":
-        estimate = SteeringVectorCallback.estimate
+        choose = SteeringVectorCallback.choose
 
-        def negated(self, trainer, pl_module, vector, filtered):
-            estimate(self, trainer, pl_module, vector, filtered)
-            vector.direction = -vector.direction  # after the strength was chosen: it stays
+        def negated(self, trainer, pl_module, vector, fits):
+            chosen = choose(self, trainer, pl_module, vector, fits)
+            chosen.direction = -chosen.direction  # after the strength was chosen: it stays
+            return chosen
 
-        monkeypatch.setattr(SteeringVectorCallback, "estimate", negated)
+        monkeypatch.setattr(SteeringVectorCallback, "choose", negated)
     elif BREAK:
         raise ValueError(f"SVDECODE_EFFECT_BREAK={BREAK!r}: expected 'base' or 'negate'")
 
