@@ -88,7 +88,8 @@ def common(model: Path, root: Path, dtype: str, questions: int) -> list[str]:
     return ["--model.name_or_path", str(model), "--model.dtype", dtype, "--trainer.precision", precision,
             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(root), "--data.synthetic_questions", str(2 * questions),
-            "--data.train_fraction", "0.5", "--data.val_fraction", "0", "--data.batch_size", "2"]
+            "--data.train_fraction", "0.5", "--data.val_fraction", "0", "--data.batch_size", "2",
+            "--steering.strength", "mu_star"]  # no validation split: steer at the paper's mu*, not off
 
 
 def phase_commands(model: Path, work: Path, dtype: str, questions: int, eval_batch: int, new_tokens: int) -> dict:

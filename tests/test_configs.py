@@ -47,7 +47,7 @@ def test_paper_grid_composes(model, method, task):
     assert cli.model.hparams.dtype == "bfloat16"
     assert cli.model.peft_config is not None and cli.model.peft_config.task_type == "CAUSAL_LM"
     (steering,) = steering_callbacks(cli)
-    assert steering.mode == "static" and steering.mu_grid
+    assert steering.mode == "static" and steering.strength == "mu_star" and steering.mu_grid  # the paper's method
     assert type(cli.datamodule).__name__.endswith("DataModule")
 
 
@@ -70,11 +70,16 @@ def test_ablation_fragments_keep_the_base_callbacks(base, path):
     assert checkpoints(after) == checkpoints(before) and checkpoints(before)
     (callback,) = steering_callbacks(after)
     stem = path.stem
-    changed = {key for key in ("enabled", "mode", "confidence_threshold", "mu", "mu_scale", "calibration")
+    changed = {key for key in ("enabled", "mode", "confidence_threshold", "strength", "mu_scale", "calibration")
                if getattr(callback, key) != getattr(steering_callbacks(before)[0], key)}
-    expected = {"dynamic": {"mode"}, "mu_fixed_1": {"mu"}, "mu_fixed_minus_1": {"mu"}, "mu_scale_0.5": {"mu_scale"},
-                "mu_scale_2": {"mu_scale"}, "no_steering": {"enabled"}, "heldout_calibration": {"calibration"}}
+    # the quickstart chooses on validation, the paper steers at mu*: a scale ablation names mu* itself
+    scaled = {"mu_scale", "strength"} if base == "quickstart" else {"mu_scale"}
+    expected = {"dynamic": {"mode"}, "mu_fixed_1": {"strength"}, "mu_fixed_minus_1": {"strength"},
+                "mu_scale_0.5": scaled, "mu_scale_2": scaled, "no_steering": {"enabled"},
+                "heldout_calibration": {"calibration"}}
     assert changed == expected.get(stem, {"confidence_threshold"})
+    if stem.startswith("mu_fixed"):
+        assert callback.strength == (1.0 if stem == "mu_fixed_1" else -1.0)
     if stem.startswith("confidence_"):
         assert callback.confidence_threshold == float(stem.split("_")[1])
     if stem == "heldout_calibration":

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from svdecode_pl.steering.strength import ESTIMATES
 from svdecode_pl.steering.vector import SteeringVector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,8 +100,13 @@ def test_steering_vector_same_on_one_and_two_processes(tmp_path, adapter, one_pr
     assert_same_vector(one, two, rtol=1e-6)
     for key in ("mu_star", "filtered_share"):
         assert two.metadata[key] == pytest.approx(one.metadata[key], rel=1e-6, abs=1e-12), key
-    for name, value in one.metadata["estimates"].items():
-        assert value is not None and two.metadata["estimates"][name] == pytest.approx(value, rel=1e-6), name
+    assert list(one.choice.estimates) == ["static", "dynamic"]
+    for mode, found in one.choice.estimates.items():  # both modes' mu*, held-out and filtered estimates
+        for name in ESTIMATES:
+            value = found.get(name)
+            assert value is not None and two.choice.estimates[mode].get(name) == pytest.approx(value, rel=1e-6), name
+    assert (two.choice.mode, two.choice.mu, two.choice.guard_passed) == (one.choice.mode, one.choice.mu,
+                                                                         one.choice.guard_passed)
     extraction = {run.metadata["extraction"]["processes"]: run.metadata["extraction"]["device"] for run in (one, two)}
     assert set(extraction) == {1, 2} and all(device.startswith("cpu") for device in extraction.values())
     shared = SteeringVector.load(tmp_path / "two" / "adapter" / "steering")

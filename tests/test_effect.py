@@ -1,5 +1,5 @@
 """The effect shows (issue 18, item 5): on the pre-trained miniature after a short warm-start,
-steering at the default strength estimate raises the held-out MC2 over plain, in each of 3 seeds.
+steering (static, at the default strength choice) raises the held-out MC2 over plain, in each of 3 seeds.
 
 The test can fail: set ``SVDECODE_EFFECT_BREAK`` to break the pipeline on purpose and run it again
 (README, "Which strength", records the numbers):
@@ -32,13 +32,14 @@ def _break_pipeline(monkeypatch) -> None:
     if BREAK == "base":
         monkeypatch.setattr(calibration, "adapter_disabled", lambda model: contextlib.nullcontext())
     elif BREAK == "negate":
-        estimate = SteeringVectorCallback.estimate
+        choose = SteeringVectorCallback.choose
 
-        def negated(self, trainer, pl_module, vector, filtered):
-            estimate(self, trainer, pl_module, vector, filtered)
-            vector.direction = -vector.direction  # after the strength was chosen: it stays
+        def negated(self, trainer, pl_module, vector, fits):
+            chosen = choose(self, trainer, pl_module, vector, fits)
+            chosen.direction = -chosen.direction  # after the strength was chosen: it stays
+            return chosen
 
-        monkeypatch.setattr(SteeringVectorCallback, "estimate", negated)
+        monkeypatch.setattr(SteeringVectorCallback, "choose", negated)
     elif BREAK:
         raise ValueError(f"SVDECODE_EFFECT_BREAK={BREAK!r}: expected 'base' or 'negate'")
 
@@ -54,6 +55,6 @@ def test_steering_at_the_default_estimate_beats_plain_on_held_out_questions(tmp_
     run_cli(["test", *common, "--model.adapter_path", str(tmp_path / "adapter")])
     results = json.loads((tmp_path / "results.json").read_text())
     mc2 = results["metrics"]["mc2"]
-    print(f"seed {seed} ({BREAK or 'intact'}): strength {results['steering']['strength']} "
+    print(f"seed {seed} ({BREAK or 'intact'}): strength {results['steering']['choice']['rule']} "
           f"mu={results['steering']['mu']:.4g}, MC2 plain {100 * mc2['plain']:.2f} steered {100 * mc2['steered']:.2f}")
     assert mc2["steered"] > mc2["plain"] + 0.005, f"seed {seed}: steering did not raise held-out MC2: {mc2}"

@@ -455,6 +455,9 @@ def _option_path_and_combination_inputs(root: Path) -> dict[str, tuple[list[str]
         "value outside a choice": (["--model.dtype", "float8"],
                                    "--model.dtype float8: not one of auto, float32, bfloat16, float16"),
         "steering mode": (["--steering.mode", "sideways"], "--steering.mode sideways: not one of static, dynamic"),
+        "steering strength": (["--steering.strength", "validaton"],
+                              "--steering.strength validaton: not one of validation, mu_star, mu_star_heldout, "
+                              "mu_star_filtered, or a float"),
         "not a number": (["--trainer.max_steps", "many"], "--trainer.max_steps many: expected int"),
         # paths
         "run directory is a file": (["--trainer.default_root_dir", str(root / "a_file")],
@@ -471,6 +474,8 @@ def _option_path_and_combination_inputs(root: Path) -> dict[str, tuple[list[str]
         "sampling at temperature 0": (
             ["--config", generation, "--data.generation.do_sample", "true", "--data.generation.temperature", "0"],
             "--data.generation.do_sample true cannot run with --data.generation.temperature 0"),
+        "a scale on the validation choice": (["--steering.mu_scale", "2"],
+                                             "--steering.mu_scale 2.0 cannot run with --steering.strength validation"),
     }
 
 

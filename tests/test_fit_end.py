@@ -74,7 +74,9 @@ def assert_one_run_written(run_dir: Path) -> SteeringVector:
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert vector.metadata["extraction"]["device"] == "cpu" and vector.metadata["extraction"]["processes"] == 1
     assert vector.metadata["extraction"]["calibration_seconds"] > 0
-    assert vector.metadata["estimates"]["mu_star_heldout"] is not None  # the validation passes ran too
+    # the validation passes ran too: both modes' held-out fits, and the choice on the validation split
+    assert all(e.mu_star_heldout is not None for e in vector.choice.estimates.values())
+    assert vector.choice.rule == "validation" and vector.choice.validation_gain is not None
     return vector
 
 
@@ -146,14 +148,15 @@ def nccl_stand_in(monkeypatch) -> list[tuple[str, torch.dtype]]:
 
 
 def test_gathered_states_live_on_the_training_device(tmp_path, nccl_stand_in):
-    """The calibration pass's two fits and the held-out fit each gather their six static sums (18
-    today; at least the calibration pass's 12 whatever the estimates become), all float64, all on the
-    device the model trained on."""
+    """The calibration pass's four fits (both modes, plain and filtered: 6 + 4 sums each) and the
+    held-out pass's two (6 + 4) gather their sums (30 today; at least the calibration pass's 20
+    whatever the estimates become), all float64, all on the device the model trained on."""
     run_cli(fit_args(tmp_path, "--trainer.max_steps", "1"))
-    assert len(nccl_stand_in) >= 2 * 6 and len(nccl_stand_in) % 6 == 0
+    assert len(nccl_stand_in) >= 2 * (6 + 4)
     assert set(nccl_stand_in) == {("cpu", torch.float64)}
     vector = SteeringVector.load(tmp_path / "steering")
-    assert vector.metadata["token_count"] > 0 and vector.metadata["estimates"]["mu_star_heldout"] is not None
+    assert vector.metadata["token_count"] > 0
+    assert all(e.mu_star_heldout is not None for e in vector.choice.estimates.values())
 
 
 def test_filtered_share_is_of_every_process():

@@ -66,7 +66,8 @@ def test_dynamic_mode_and_predict_records(tmp_path):
     args = small(tmp_path, "--steering.mode", "dynamic")
     run("fit", *args, "--trainer.max_steps", "3")
     vector = SteeringVector.load(tmp_path / "steering")
-    assert vector.mode == "dynamic" and vector.direction is None
+    # a format-2 vector keeps the static direction beside the dynamic mode, so both can be scored
+    assert vector.mode == "dynamic" and vector.modes == ("static", "dynamic")
     run("test", *args, "--model.adapter_path", str(tmp_path / "adapter"))
     results = check_results(tmp_path, steered=True)
     assert results["steering"]["mode"] == "dynamic"
@@ -107,25 +108,26 @@ def test_resume_from_last_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_mu_curve_point_at_mu_star_equals_a_fixed_mu_run(tmp_path, mode):
-    """The strength curve scores every question at every mu from one forward pass; its point at
-    mu* equals the steered metrics of a run with mu fixed to mu*, its point at 0 the plain ones."""
+    """The test curves score every question at every (mode, mu) from one forward pass; a mode's
+    point at mu* equals the steered metrics of a run with that mode and mu fixed to mu* (a loaded
+    vector re-chosen at test: ``--steering.strength <number>``), its point at 0 the plain ones."""
     run(*["fit", *small(tmp_path, "--trainer.max_steps", "3", "--steering.mode", mode)])
     adapter = ["--model.adapter_path", str(tmp_path / "adapter")]
     grid = ["--steering.mu_grid", "[0.0, 1.0, 5.0]", "--steering.mu_grid_relative", "true"]
     run(*["test", *small(tmp_path, *grid, *adapter)])
     curve_run = json.loads((tmp_path / "results.json").read_text())
-    curve = curve_run["mu_curve"]
-    mu_star = curve["mu_star"]
+    assert set(curve_run["test_curves"]) == {"static", "dynamic"}  # both modes, whichever was pinned
+    curve = curve_run["test_curves"][mode]
+    mu_star = curve_run["steering"]["estimates"][mode]["mu_star"]["mu"]
     assert curve["mu"] == pytest.approx([0.0, mu_star, 5 * mu_star])
     fixed = tmp_path / "fixed"
     (fixed / "steering").mkdir(parents=True)
     for artifact in (tmp_path / "steering").iterdir():
         (fixed / "steering" / artifact.name).write_bytes(artifact.read_bytes())
-    run(*["test", *small(fixed, "--steering.mode", mode, "--steering.mu", repr(mu_star), *adapter)])
+    run(*["test", *small(fixed, "--steering.mode", mode, "--steering.strength", repr(mu_star), *adapter)])
     fixed_run = json.loads((fixed / "results.json").read_text())
-    assert fixed_run["steering"]["mu"] == pytest.approx(mu_star)
+    assert (fixed_run["steering"]["mode"], fixed_run["steering"]["mu"]) == (mode, pytest.approx(mu_star))
+    assert fixed_run["steering"]["choice"]["rule"] == "fixed"
     for name in ("mc1", "mc2", "mc3"):
         assert curve["metrics"][name][1] == pytest.approx(fixed_run["metrics"][name]["steered"], abs=1e-6)
         assert curve["metrics"][name][0] == pytest.approx(curve_run["metrics"][name]["plain"], abs=1e-6)
-        best = curve["best"][name]
-        assert best["value"] == max(v for v in curve["metrics"][name]) and best["mu"] in curve["mu"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from svdecode_pl.steering.calibration import SteeringStatistics
+from svdecode_pl.steering.strength import StrengthChoice
 from svdecode_pl.steering.vector import SteeringVector, fine_tuning_gradient, steering_direction
 
 
@@ -99,13 +100,18 @@ def test_non_finite_logits_are_an_error():
         stats.update(torch.tensor([[0.0, float("nan"), 1.0]]), torch.zeros(1, 3), torch.tensor([0]))
 
 
-def test_fixed_mu_and_scale_override():
+def test_a_fitted_vector_is_at_its_mu_star_and_the_choice_sets_the_strength():
+    """The fit gives mu*; which strength a run steers at is the strength record's (mu_scale applied
+    there, once: tests/test_strength.py)."""
     z_phi, z_theta = torch.randn(8, 5), torch.randn(8, 5)
     stats = SteeringStatistics("static", 5)
     stats.update(z_phi, z_theta, torch.zeros(8, dtype=torch.long))
     fitted = stats.steering_vector()
-    assert stats.steering_vector(mu_scale=0.5).mu == pytest.approx(0.5 * fitted.mu)
-    assert stats.steering_vector(mu=2.0, mu_scale=3.0).mu == pytest.approx(6.0)
+    assert fitted.mu == fitted.metadata["mu_star"] and "mu_scale" not in fitted.metadata and fitted.choice is None
+    choice = StrengthChoice("fixed", "dynamic", 2.0, "the fixed rule", mu_scale=3.0)
+    steered = fitted.chosen(choice)
+    assert (steered.mode, steered.mu, steered.choice) == ("dynamic", 2.0, choice)
+    assert torch.equal(steered.direction, fitted.direction) and fitted.mu == fitted.metadata["mu_star"]
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])

@@ -32,7 +32,7 @@ axes:
     lora: []
     ia3: [{ROOT / "configs" / "peft" / "ia3.yaml"}]
   steering:
-    static: []
+    static: [--steering.mode, static]
     dynamic: {ROOT / "configs" / "ablations" / "dynamic.yaml"}
 stages: [fit, test]
 """)

@@ -97,6 +97,8 @@ def option_names(parser: Any) -> list[str]:
 
 
 _LITERAL = re.compile(r"Expected a typing\.Literal\[(?P<choices>.*?)\]\.? Got value: (?P<value>.*)")
+#: a Literal among a Union's subtypes (``mode: Literal[...] | None``, ``strength: Literal[...] | float``)
+_UNION_LITERAL = re.compile(r"- Expected a typing\.Literal\[(?P<choices>.*?)\]\s*$", re.M)
 _EXPECTED = re.compile(r"Expected a <class '(?:[\w.]+\.)?(\w+)'>")
 _GIVEN = re.compile(r"(?:Given|Got) value: (.*)")
 
@@ -160,14 +162,15 @@ def _describe_key(option: str, detail: str) -> CommandLineError:
     missing = re.match(r"File does not exist: '?([^']*)'?", detail)
     if missing:
         return CommandLineError(f"{option} {missing.group(1)}: no such file")
-    literal = _LITERAL.search(detail)
-    if literal:
-        choices = re.findall(r"'([^']*)'", literal.group("choices"))
-        value = literal.group("value").strip()
-        close = difflib.get_close_matches(value, choices, n=2, cutoff=0.5)
-        return CommandLineError(f"{option} {value}: not one of {', '.join(choices)}", hint=did_you_mean(close))
     expected = _EXPECTED.findall(detail)
     given = _GIVEN.search(detail)
+    literal = _LITERAL.search(detail) or (_UNION_LITERAL.search(detail) if given else None)
+    if literal:
+        choices = re.findall(r"'([^']*)'", literal.group("choices"))
+        value = (literal.groupdict().get("value") or given.group(1)).strip()
+        close = difflib.get_close_matches(value, choices, n=2, cutoff=0.5)
+        others = "".join(", or null" if kind == "NoneType" else f", or a {kind}" for kind in dict.fromkeys(expected))
+        return CommandLineError(f"{option} {value}: not one of {', '.join(choices)}{others}", hint=did_you_mean(close))
     if expected and given:
         kinds = " or ".join(dict.fromkeys("None" if kind == "NoneType" else kind for kind in expected))
         return CommandLineError(f"{option} {given.group(1).strip()}: expected {kinds}")

@@ -6,6 +6,7 @@ search is no such combination: the dynamic loop runs beam search (issue 20, item
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,17 @@ def check_combinations(config: Any) -> None:
         )
 
 
+def check_strength(config: Any) -> None:
+    """The steering strength's options: finite numbers, and ``mu_scale`` only where it scales something."""
+    strength, scale = _get(config, "steering.strength"), _get(config, "steering.mu_scale")
+    for option, value in (("--steering.strength", strength), ("--steering.mu_scale", scale)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OptionError(f"{option} {value}: not a finite number")
+    if strength in (None, "validation") and scale is not None and float(scale) != 1.0:
+        raise OptionError(f"--steering.mu_scale {scale} cannot run with --steering.strength validation: it scales "
+                          "an estimate or a fixed strength (e.g. --steering.strength mu_star)")
+
+
 def check_names(config: Any) -> None:
     """Options that name something built in: the generated task's world."""
     world = _get(config, "data.init_args.world")
@@ -125,4 +137,5 @@ def preflight(config: Any) -> None:
     """All checks of a parsed subcommand config."""
     check_paths(config)
     check_names(config)
+    check_strength(config)
     check_combinations(config)

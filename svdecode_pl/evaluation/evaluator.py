@@ -31,6 +31,7 @@ from svdecode_pl.evaluation.judges import JudgePanel
 from svdecode_pl.evaluation.scoring import score_many
 from svdecode_pl.evaluation.scoring_job import PrefixCache
 from svdecode_pl.evaluation.settings import EvaluationSettings, ScoringSettings
+from svdecode_pl.steering.strength import Candidate
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.allocator import release_freed_memory
 
@@ -80,7 +81,7 @@ class Evaluator:
         all_scores = score_many(
             self.model, [item.context_ids for item in items], [item.continuation_ids for item in items],
             self.steering, scoring.chunk_tokens, self.pad_id, self.prefix, prefix_len,
-            scoring.score_batch_tokens, mu_grid=self.settings.steering.grid,
+            scoring.score_batch_tokens, candidates=self.settings.steering.grid,
         )
         return [choice_record(item, scores.plain, scores.steered, scores.grid)
                 for item, scores in zip(items, all_scores)]
@@ -100,10 +101,11 @@ class Evaluator:
                 texts[variant] = generate_texts(self.model, self.tokenizer, prompts, settings, vector)
         grid = self.settings.steering.grid
         grid_texts = None
-        if grid:  # each strength is a decoding of its own; the steered one is already decoded
-            grid_texts = [texts["steered"] if mu == self.steering.mu else
-                          generate_texts(self.model, self.tokenizer, prompts, settings, self.steering.with_mu(mu))
-                          for mu in grid]
+        if grid:  # each candidate is a decoding of its own; the steered one is already decoded
+            steered = Candidate(self.steering.mode, self.steering.mu)
+            grid_texts = [texts["steered"] if candidate == steered else
+                          generate_texts(self.model, self.tokenizer, prompts, settings, self.steering.at(candidate))
+                          for candidate in grid]
         return [
             generation_record(item, {v: None if t is None else t[i] for v, t in texts.items()},
                               None if grid_texts is None else [texts_at[i] for texts_at in grid_texts])

@@ -12,6 +12,7 @@ from torch import nn
 from svdecode_pl.evaluation.packing import PACK_TOKENS, score_packed, score_padded, score_segments
 from svdecode_pl.evaluation.scoring_job import PrefixCache, ScoringJob, TokenScores
 from svdecode_pl.models.heads import hf_model, is_prompt_learning
+from svdecode_pl.steering.strength import Candidate
 from svdecode_pl.steering.vector import SteeringVector
 
 
@@ -32,7 +33,7 @@ def score_many(
     prefix_len: int = 0,
     max_batch_tokens: int = 0,
     pack_tokens: int = PACK_TOKENS,
-    mu_grid: list[float] | None = None,
+    candidates: list[Candidate] | None = None,
 ) -> list[TokenScores]:
     """Sum of token log-probabilities of every continuation of every context.
 
@@ -43,7 +44,8 @@ def score_many(
     other into rows of up to ``pack_tokens`` tokens, each attending to itself only
     (:func:`score_segments`), so a score does not depend on which contexts share a pass;
     ``max_batch_tokens`` > 0 batches length-sorted rows up to that many padded tokens instead
-    (float32 rounding then varies with the batch). Attention implementations that take no custom
+    (float32 rounding then varies with the batch). With a ``steering`` vector, every continuation is
+    also scored steered at it and at each (mode, mu) of ``candidates``. Attention implementations that take no custom
     mask (e.g. flash attention) run one right-padded row per (context, continuation) pair.
     """
     if any(len(c) == 0 for conts in continuations for c in conts):
@@ -52,7 +54,7 @@ def score_many(
         raise ValueError("a context has no tokens (the first continuation token needs one to predict it)")
     use_prefix = prefix is not None and prefix_len > 0 and all(len(c) > prefix_len for c in contexts)
     prefix, prefix_len = (prefix, prefix_len) if use_prefix else (None, 0)
-    job = ScoringJob(model, contexts, continuations, steering, chunk_tokens, pad_id, prefix, prefix_len, mu_grid)
+    job = ScoringJob(model, contexts, continuations, steering, chunk_tokens, pad_id, prefix, prefix_len, candidates)
     if packs_rows(model) and (use_prefix or not is_prompt_learning(model)):
         return score_segments(job, pack_tokens) if max_batch_tokens <= 0 else score_packed(job, max_batch_tokens)
     return score_padded(job, max_batch_tokens)

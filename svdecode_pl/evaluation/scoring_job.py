@@ -1,5 +1,5 @@
-"""Token scores of one forward pass, plain, steered and along the mu grid, summed per
-(context, continuation) pair; and the cached primer every context shares."""
+"""Token scores of one forward pass, plain, steered and at each (mode, mu) candidate of the grid,
+summed per (context, continuation) pair; and the cached primer every context shares."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import torch
 from torch import nn
 
 from svdecode_pl.models.heads import adapter_disabled, chunked_logits, head_logits, hf_model, hidden_states_as_logits
+from svdecode_pl.steering.strength import Candidate
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.profiling import timed
 
 
 @dataclass
 class TokenScores:
-    """Log-probabilities of target tokens, without and with steering (and at each strength of a
-    mu grid: ``grid`` is (G, N))."""
+    """Log-probabilities of target tokens, without and with steering (and at each of G candidates:
+    ``grid`` is (G, N))."""
 
     plain: torch.Tensor
     steered: torch.Tensor | None
@@ -37,39 +38,50 @@ def score_tokens(
     steering: SteeringVector | None = None,
     base_hidden: torch.Tensor | None = None,
     chunk_tokens: int = 256,
-    mu_grid: list[float] | None = None,
+    candidates: list[Candidate] | None = None,
 ) -> TokenScores:
-    """log p(target) for each of N positions, plain and (if a vector is given) steered; with a
-    ``mu_grid``, also steered at each of its strengths from the same logits (static: one more
-    vector per strength; dynamic: the direction computed once per chunk)."""
+    """log p(target) for each of N positions, plain and (if a vector is given) steered; with
+    ``candidates``, also steered at each (mode, mu) from the same logits: each mode's direction at
+    mu = 1 once per chunk (static: the vector; dynamic: from these adapted and base logits), then
+    one log-softmax per candidate."""
     plain = torch.empty(targets.shape[0], dtype=torch.float32, device=targets.device)
     steered = torch.empty_like(plain) if steering is not None else None
     grid = None
-    if steering is not None and mu_grid:
-        grid = torch.empty(len(mu_grid), targets.shape[0], dtype=torch.float32, device=targets.device)
+    if steering is not None and candidates:
+        grid = torch.empty(len(candidates), targets.shape[0], dtype=torch.float32, device=targets.device)
+    modes = {c.mode for c in candidates or []}
     for rows, logits in chunked_logits(head, adapted_hidden, chunk_tokens):
-        base = head_logits(head, base_hidden[rows]) if steering is not None and steering.needs_base_logits else None
+        base = head_logits(head, base_hidden[rows]) if needs_base_logits(steering, candidates) else None
         with timed("log-softmax"):
             y = targets[rows].unsqueeze(-1)
             plain[rows] = torch.log_softmax(logits, -1).gather(-1, y).squeeze(-1)
             if steering is not None:
                 steered[rows] = torch.log_softmax(steering.steer(logits, base), -1).gather(-1, y).squeeze(-1)
             if grid is not None:
-                direction = steering.with_mu(1.0).shift(logits, base)  # delta_z at mu = 1
-                for g, mu in enumerate(mu_grid):
-                    grid[g, rows] = torch.log_softmax(logits + mu * direction, -1).gather(-1, y).squeeze(-1)
+                directions = {mode: steering.at(Candidate(mode, 1.0)).shift(logits, base) for mode in modes}
+                for g, candidate in enumerate(candidates):
+                    shifted = logits + candidate.mu * directions[candidate.mode]
+                    grid[g, rows] = torch.log_softmax(shifted, -1).gather(-1, y).squeeze(-1)
     return TokenScores(plain, steered, grid)
+
+
+def needs_base_logits(steering: SteeringVector | None, candidates: list[Candidate] | None) -> bool:
+    """Whether the steered scores need the base model's logits (dynamic steering, or a dynamic
+    candidate: one forward with the adapter off serves every strength)."""
+    if steering is None:
+        return False
+    return steering.needs_base_logits or any(c.mode == "dynamic" for c in candidates or [])
 
 
 class PairSums:
     """Token scores added up per (context, continuation) pair, in float64, for every context."""
 
     def __init__(self, continuations: list[list[list[int]]], steering: SteeringVector | None,
-                 mu_grid: list[float] | None = None) -> None:
+                 candidates: list[Candidate] | None = None) -> None:
         zeros = lambda *shape: [torch.zeros(*shape, len(c), dtype=torch.float64) for c in continuations]  # noqa: E731
         self.plain = zeros()
         self.steered = zeros() if steering is not None else None
-        self.grid = zeros(len(mu_grid)) if steering is not None and mu_grid else None
+        self.grid = zeros(len(candidates)) if steering is not None and candidates else None
 
     def add(self, scores: TokenScores, owner: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
         """``owner`` gives each token's index into ``pairs``."""
@@ -105,7 +117,7 @@ class ScoringJob:
     pad_id: int
     prefix: PrefixCache | None
     prefix_len: int
-    mu_grid: list[float] | None
+    candidates: list[Candidate] | None
 
     @property
     def device(self) -> torch.device:
@@ -130,18 +142,18 @@ class ScoringJob:
         return [(q, a) for q in group for a in range(len(self.continuations[q]))]
 
     def pair_sums(self) -> PairSums:
-        return PairSums(self.continuations, self.steering, self.mu_grid)
+        return PairSums(self.continuations, self.steering, self.candidates)
 
     def score(self, hidden_of, targets: torch.Tensor) -> TokenScores:
         """Token scores of one forward pass: ``hidden_of(state)`` gives the final hidden states that
         predict ``targets``, adapted, and with the adapter off when the steering needs base logits."""
         adapted = hidden_of("adapted")
         base = None
-        if self.steering is not None and self.steering.needs_base_logits:
+        if needs_base_logits(self.steering, self.candidates):
             with adapter_disabled(self.model):
                 base = hidden_of("base")
         head = hf_model(self.model).get_output_embeddings()
-        return score_tokens(head, adapted, targets, self.steering, base, self.chunk_tokens, self.mu_grid)
+        return score_tokens(head, adapted, targets, self.steering, base, self.chunk_tokens, self.candidates)
 
 
 class PrefixCache:

@@ -3,7 +3,7 @@ callback and the :class:`~svdecode_pl.evaluation.evaluator.Evaluator` read.
 
 - scoring (the module's ``chunk_tokens`` and ``score_batch_tokens``);
 - decoding and judging (the task's: its data module's ``generation_settings()``/``judge_settings()``);
-- steering (the vector and the mu grid, attached by the steering callback through
+- steering (the vector, its strength curves and candidates, attached by the steering callback through
   :meth:`EvaluationSettings.use_steering`).
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from svdecode_pl.evaluation.generation_settings import GenerationSettings
 from svdecode_pl.evaluation.judges import JudgeSettings
+from svdecode_pl.steering.strength import Candidate
 from svdecode_pl.steering.vector import SteeringVector
 
 
@@ -33,29 +34,26 @@ class SteeringSettings:
     """The steering an evaluation applies (none: plain only)."""
 
     vector: SteeringVector | None = None
-    mu_grid: list[float] | None = None
-    """Absolute strengths at which every item is also evaluated steered (the strength curve)."""
-    estimates: dict[str, float] = field(default_factory=dict)
-    """Named strengths (see :mod:`svdecode_pl.steering.estimates`) scored in the same pass, after the grid."""
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    """mode -> absolute strengths at which every item is also evaluated steered (the strength curves)."""
+    extra: list[Candidate] = field(default_factory=list)
+    """Further (mode, mu) candidates scored in the same pass (the strength estimates)."""
 
     @property
-    def grid(self) -> list[float] | None:
-        """Every strength scored besides plain and steered: the mu grid, then the estimates that are
-        not on it (when there is a vector to scale). Each strength is scored once: a decoding of
-        every item for generation tasks."""
-        curve = list(self.mu_grid or [])
-        strengths = curve + [mu for mu in dict.fromkeys(self.estimates.values()) if mu not in curve]
-        return strengths if self.vector is not None and strengths else None
+    def grid(self) -> list[Candidate] | None:
+        """Every candidate scored besides plain and steered, each once: the curves, then the
+        candidates not on them, in the modes the vector can steer in (static needs its direction).
+        Each is a decoding of every item for generation tasks."""
+        if self.vector is None:
+            return None
+        found = [Candidate(mode, mu) for mode, strengths in self.curves.items() for mu in strengths]
+        found = [c for c in dict.fromkeys([*found, *self.extra]) if c.mode in self.vector.modes]
+        return found or None
 
-    def estimate_columns(self) -> dict[str, int]:
-        """Each named strength's index in :attr:`grid` (the curve's own when its value is on the curve)."""
+    def column(self, candidate: Candidate) -> int | None:
+        """The candidate's index in :attr:`grid` (None: not scored)."""
         grid = self.grid or []
-        return {name: grid.index(mu) for name, mu in self.estimates.items()}
-
-    @property
-    def curve_size(self) -> int:
-        """How many of :attr:`grid`'s strengths are the curve (the rest are the estimates)."""
-        return len(self.mu_grid or [])
+        return grid.index(candidate) if candidate in grid else None
 
 
 @dataclass
@@ -70,9 +68,9 @@ class EvaluationSettings:
     steering: SteeringSettings = field(default_factory=SteeringSettings)
 
     def use_steering(
-        self, vector: SteeringVector | None, mu_grid: list[float] | None = None,
-        estimates: dict[str, float] | None = None,
+        self, vector: SteeringVector | None, curves: dict[str, list[float]] | None = None,
+        extra: list[Candidate] | None = None,
     ) -> None:
-        """Attach (or, with None, remove) the steering vector, its strength curve and the named
-        strengths to score beside it."""
-        self.steering = SteeringSettings(vector, mu_grid, dict(estimates or {}))
+        """Attach (or, with None, remove) the steering vector, its strength curves (mode -> strengths)
+        and further candidates to score beside it."""
+        self.steering = SteeringSettings(vector, dict(curves or {}), list(extra or []))

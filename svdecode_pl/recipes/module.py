@@ -34,9 +34,10 @@ from svdecode_pl.recipes.optimizer import OptimizerName, build_optimizer
 from svdecode_pl.results.payload import (
     estimate_metrics,
     format_table,
-    mu_curve,
     results_payload,
     table_metrics,
+    test_curves,
+    test_difference,
     write_results,
 )
 from svdecode_pl.steering.vector import SteeringVector
@@ -151,7 +152,7 @@ class SVDecodeModule(LightningModule):
 
     @steering_vector.setter
     def steering_vector(self, vector: SteeringVector | None) -> None:
-        self.evaluation.use_steering(vector, self.evaluation.steering.mu_grid)
+        self.evaluation.use_steering(vector, self.evaluation.steering.curves, self.evaluation.steering.extra)
 
     @property
     def vocab_size(self) -> int:
@@ -271,7 +272,7 @@ class SVDecodeModule(LightningModule):
         columns = [f"{name}/{variant}" for name in self.datamodule.metric_names for variant in VARIANTS]
         grid = self.evaluation.steering.grid
         if grid:
-            columns += [f"{name}/mu{i}" for name in self.datamodule.metric_names for i in range(len(grid))]
+            columns += [f"{name}/c{i}" for name in self.datamodule.metric_names for i in range(len(grid))]
         self.eval_table = QuestionTable(columns, self.datamodule.eval_groups("test")).to(self.device)
 
     def test_step(self, batch: list, batch_idx: int) -> None:
@@ -279,7 +280,7 @@ class SVDecodeModule(LightningModule):
             row = {f"{name}/{variant}": value for variant, values in record.metrics.items()
                    for name, value in (values or {}).items()}
             for index, values in enumerate(record.grid_metrics or []):
-                row.update({f"{name}/mu{index}": value for name, value in values.items()})
+                row.update({f"{name}/c{index}": value for name, value in values.items()})
             self.eval_table.update(record.uid, record.group, row)
 
     def on_test_epoch_end(self) -> None:
@@ -293,16 +294,11 @@ class SVDecodeModule(LightningModule):
             for variant, value in by_variant.items():
                 if value is not None:
                     self.log(f"test/{name}_{variant}", value, rank_zero_only=True)
-        curve, estimates = None, None
-        steering = self.evaluation.steering
-        if steering.grid:
-            names, columns = datamodule.metric_names, table.columns
-            if steering.curve_size:
-                curve = mu_curve(names, columns, values, steering.grid[: steering.curve_size], self.steering_vector)
-            estimates = estimate_metrics(names, columns, values, steering.estimates, steering.estimate_columns())
-        payload = results_payload(datamodule.task_name, int(ids.numel()), self.steering_vector, metrics, self.trainer,
-                                  per_group=per_group, model=self.model_summary(), mu_curve=curve,
-                                  estimates=estimates)
+        names, columns, steering = datamodule.metric_names, table.columns, self.evaluation.steering
+        payload = results_payload(
+            datamodule.task_name, int(ids.numel()), self.steering_vector, metrics, self.trainer, per_group=per_group,
+            model=self.model_summary(), estimates=estimate_metrics(names, columns, values, steering),
+            curves=test_curves(names, columns, values, steering), difference=test_difference(names, columns, values))
         if self.evaluation_defaults is not None:
             payload["evaluation_defaults"] = self.evaluation_defaults.as_dict()
         self._write_results(payload)

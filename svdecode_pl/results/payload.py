@@ -8,7 +8,9 @@ from typing import Any
 import torch
 
 from svdecode_pl.evaluation.items import VARIANTS
-from svdecode_pl.steering.estimates import ESTIMATES
+from svdecode_pl.evaluation.settings import SteeringSettings
+from svdecode_pl.metrics.bootstrap import paired_bootstrap
+from svdecode_pl.steering.strength import ESTIMATES, Candidate
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.files import atomic_write_text, json_text
 
@@ -38,76 +40,97 @@ def table_metrics(
     return by_metric(values), per_group
 
 
-def mu_curve(
-    names: list[str], columns: list[str], values: torch.Tensor, grid: list[float], steering: SteeringVector
-) -> dict[str, Any]:
-    """Each metric as a function of the strength mu (columns ``<metric>/mu<i>``), with mu* and the
-    best mu on the grid (the first of equals) side by side."""
-    means = _column_means(columns, values)
-    curves = {name: [means.get(f"{name}/mu{i}") for i in range(len(grid))] for name in names}
-    best = {}
-    for name, curve in curves.items():
-        known = [(v, i) for i, v in enumerate(curve) if v is not None]
-        if known:
-            value, index = max(known, key=lambda vi: (vi[0], -vi[1]))
-            best[name] = {"mu": grid[index], "value": value}
-    return {"mu": list(grid), "mu_star": steering.metadata.get("mu_star"), "mu_used": steering.mu,
-            "metrics": curves, "best": best}
+def candidate_metrics(names: list[str], means: dict[str, float | None], settings: SteeringSettings,
+                      candidate: Candidate) -> dict[str, float | None] | None:
+    """The test metrics at ``candidate`` (columns ``<metric>/c<i>``); None when it was not scored."""
+    column = settings.column(candidate)
+    return None if column is None else {m: means.get(f"{m}/c{column}") for m in names}
 
 
-def estimate_metrics(
-    names: list[str], columns: list[str], values: torch.Tensor, estimates: dict[str, float],
-    grid_columns: dict[str, int],
-) -> dict[str, dict[str, Any]]:
-    """The test metrics at each named strength, read from its grid column (``grid_columns``)."""
+def test_curves(names: list[str], columns: list[str], values: torch.Tensor,
+                settings: SteeringSettings) -> dict[str, dict[str, Any]]:
+    """Each mode's test metrics along its grid strengths: ``{mode: {"mu": [...], "metrics": {m: [...]}}}``."""
     means = _column_means(columns, values)
-    return {name: {"mu": mu, "metrics": {m: means.get(f"{m}/mu{grid_columns[name]}") for m in names}}
-            for name, mu in estimates.items()}
+    curves = {}
+    for mode, strengths in settings.curves.items():
+        points = [candidate_metrics(names, means, settings, Candidate(mode, mu)) for mu in strengths]
+        if all(p is not None for p in points):
+            curves[mode] = {"mu": list(strengths), "metrics": {m: [p[m] for p in points] for m in names}}
+    return curves
+
+
+def estimate_metrics(names: list[str], columns: list[str], values: torch.Tensor,
+                     settings: SteeringSettings) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every mode's estimates with the test metrics at each: ``{mode: {name: {"mu", "metrics"}}}``
+    (metrics null where not scored: no value, or a mode the vector cannot steer in)."""
+    vector = settings.vector
+    choice = None if vector is None else vector.choice
+    if choice is None:
+        return {}
+    means = _column_means(columns, values)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for mode, found in choice.estimates.items():
+        out[mode] = {}
+        for name in ESTIMATES:
+            mu = found.get(name)
+            metrics = None if mu is None else candidate_metrics(names, means, settings, Candidate(mode, mu))
+            out[mode][name] = {"mu": mu, "metrics": metrics}
+    return out
+
+
+def test_difference(names: list[str], columns: list[str], values: torch.Tensor) -> dict[str, dict[str, float] | None]:
+    """steered - plain on test per metric, with its paired bootstrap interval over questions."""
+    out = {}
+    for name in names:
+        if f"{name}/steered" not in columns:
+            continue
+        difference = values[:, columns.index(f"{name}/steered")] - values[:, columns.index(f"{name}/plain")]
+        interval = paired_bootstrap(difference)
+        out[name] = None if interval is None else interval.to_dict()
+    return out
+
+
+def steering_summary(steering: SteeringVector, estimates: dict[str, Any] | None) -> dict[str, Any]:
+    """results.json's ``steering``: what was steered at, the choice's record and the estimates."""
+    choice = steering.choice
+    return {
+        "mode": steering.mode,
+        "mu": steering.mu,
+        "confidence_threshold": steering.confidence_threshold,
+        "mu_star": steering.metadata.get("mu_star"),
+        "token_count": steering.metadata.get("token_count"),
+        "warm_start_steps": steering.metadata.get("warm_start_steps"),
+        "filtered_share": steering.metadata.get("filtered_share"),
+        "choice": None if choice is None else choice.summary(),
+        "estimates": estimates or {},
+    }
 
 
 def results_payload(
     task: str, n_examples: int, steering: SteeringVector | None, metrics: dict[str, dict[str, float | None]],
     trainer: Any = None, per_group: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
-    mu_curve: dict[str, Any] | None = None, estimates: dict[str, dict[str, Any]] | None = None,
+    estimates: dict[str, Any] | None = None, curves: dict[str, Any] | None = None,
+    difference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The results.json document: task, size, the steering used (or null) and the metrics;
-    ``steering.estimates``: every strength estimate, with the test metrics at it (null: not
-    computed, e.g. no validation split)."""
+    """The results.json document: task, size, the steering used (or null) with its strength choice
+    and every mode's estimates (test metrics at each), the metrics plain and steered, their paired
+    difference with its interval (``test_difference``) and each mode's test curve (``test_curves``)."""
     payload: dict[str, Any] = {"task": task, "n_examples": n_examples}
     if model is not None:
         payload["model"] = model
-    if steering is None:
-        payload["steering"] = None
-    else:
-        payload["steering"] = {
-            "mode": steering.mode,
-            "mu": steering.mu,
-            "confidence_threshold": steering.confidence_threshold,
-            "mu_star": steering.metadata.get("mu_star"),
-            "token_count": steering.metadata.get("token_count"),
-            "warm_start_steps": steering.metadata.get("warm_start_steps"),
-            "filtered_share": steering.metadata.get("filtered_share"),
-            "strength": steering.metadata.get("strength", "mu_star"),
-            "estimates": _estimates(steering, estimates or {}),
-            "validation_curve": steering.metadata.get("validation_curve"),
-        }
+    payload["steering"] = None if steering is None else steering_summary(steering, estimates)
     payload["metrics"] = metrics
+    if difference:
+        payload["test_difference"] = difference
     if per_group:
         payload["per_category"] = per_group
-    if mu_curve is not None:
-        payload["mu_curve"] = mu_curve
+    if curves:
+        payload["test_curves"] = curves
     if trainer is not None:
         datamodule = getattr(trainer, "datamodule", None)
         payload["data"] = getattr(datamodule, "source", None)
         payload["world_size"] = trainer.world_size
     return payload
-
-
-def _estimates(steering: SteeringVector, scored: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Every estimate the vector records, with its test metrics where they were scored."""
-    recorded = steering.metadata.get("estimates") or {"mu_star": steering.metadata.get("mu_star")}
-    return {name: {"mu": recorded[name], "metrics": scored.get(name, {}).get("metrics")}
-            for name in ESTIMATES if name in recorded}
 
 
 def write_results(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -125,48 +148,75 @@ def _fmt(value: float | None, scale: float = 100.0) -> str:
     return "-" if value is None else f"{scale * value:6.2f}"
 
 
+def _cells(metrics: dict[str, float | None] | None, names: list[str], width: int = 8) -> str:
+    metrics = metrics or {}
+    return "".join(f"{_fmt(metrics.get(n), 100.0 if is_fraction(n) else 1.0):>{width}}" for n in names)
+
+
+def _choice_line(steering: dict[str, Any]) -> list[str]:
+    """The strength choice: what, by which rule, its validation gain with the interval."""
+    choice = steering.get("choice")
+    if not choice:
+        return []
+    gain = choice.get("validation_gain")
+    interval = "" if gain is None else (
+        f"; validation gain {100 * gain['estimate']:+.2f} points [{100 * gain['low']:+.2f}, "
+        f"{100 * gain['high']:+.2f}] ({100 * gain['level']:.0f}%, {choice['selection_metric']})")
+    if choice["rule"] == "validation" and not choice["guard_passed"]:
+        return [f"strength: steering off (mu = 0){interval}: {choice['reason']}"]
+    return [f"strength: {choice['mode']} mu={choice['mu']:.4g} ({choice['rule']} rule){interval}"]
+
+
 def _estimate_lines(payload: dict[str, Any]) -> list[str]:
-    """One line per strength estimate: its value and the test metrics at it (* = the one steered at)."""
-    steering = payload.get("steering") or {}
-    estimates = steering.get("estimates") or {}
+    """Every mode's estimates side by side, with the test metrics at each."""
+    estimates = (payload.get("steering") or {}).get("estimates") or {}
     if not estimates:
         return []
     names = [n for n in payload["metrics"] if "/" not in n]
-    lines = ["strength estimates (test metrics at each; * = steered):",
-             f"  {'estimate':<18}{'mu':>10}" + "".join(f"{n:>9}" for n in names)]
-    for name, entry in estimates.items():
-        mark = "*" if name == steering.get("strength") else " "
-        mu = "-" if entry["mu"] is None else f"{entry['mu']:.4g}"
-        metrics = entry.get("metrics") or {}
-        cells = "".join(f"{_fmt(metrics.get(n), 100.0 if is_fraction(n) else 1.0):>9}" for n in names)
-        lines.append(f"{mark} {name:<18}{mu:>10}{cells}")
+    modes = list(estimates)
+    header = "".join(f" | {mode + ' mu':>12}" + "".join(f"{n:>8}" for n in names) for mode in modes)
+    lines = ["strength estimates (test metrics at each, both modes):", f"  {'estimate':<18}{header}"]
+    for name in ESTIMATES:
+        row = ""
+        for mode in modes:
+            entry = estimates[mode].get(name) or {}
+            mu = "-" if entry.get("mu") is None else f"{entry['mu']:.4g}"
+            row += f" | {mu:>12}" + _cells(entry.get("metrics"), names)
+        lines.append(f"  {name:<18}{row}")
+    return lines
+
+
+def _curve_lines(payload: dict[str, Any]) -> list[str]:
+    """Each mode's test curve, one line per metric."""
+    lines = []
+    for mode, curve in (payload.get("test_curves") or {}).items():
+        strengths = ", ".join(f"{m:.3g}" for m in curve["mu"])
+        lines.append(f"test curve, {mode} (mu: {strengths}):")
+        for name, values in curve["metrics"].items():
+            if "/" not in name:
+                scale = 100.0 if is_fraction(name) else 1.0
+                lines.append(f"  {name:<10} " + " ".join(_fmt(v, scale).strip() for v in values))
     return lines
 
 
 def format_table(payload: dict[str, Any]) -> str:
-    """A small text table: one row per metric, plain / steered / difference (in %)."""
+    """A small text table: the strength choice, one row per metric (plain / steered / difference with
+    its paired interval, in %), each mode's test curve and the estimates side by side."""
     steering = payload.get("steering")
     title = f"{payload['task']} ({payload['n_examples']} questions)"
     if steering:
         title += f", steering {steering['mode']} mu={steering['mu']:.4g}"
-    lines = [title, f"{'metric':<12}{'plain':>9}{'steered':>9}{'delta':>9}"]
+    lines = [title, *(_choice_line(steering) if steering else [])]
+    differences = payload.get("test_difference") or {}
+    lines.append(f"{'metric':<12}{'plain':>9}{'steered':>9}{'delta':>9}   paired 95% interval")
     for name, values in payload["metrics"].items():
         plain, steered = values.get("plain"), values.get("steered")
         delta = None if plain is None or steered is None else steered - plain
         scale = 100.0 if is_fraction(name) else 1.0
-        lines.append(f"{name:<12}{_fmt(plain, scale):>9}{_fmt(steered, scale):>9}{_fmt(delta, scale):>9}")
-    curve = payload.get("mu_curve")
-    if curve:
-        strengths = ", ".join(f"{m:.3g}" for m in curve["mu"])
-        mu_star = "-" if curve["mu_star"] is None else f"{curve['mu_star']:.4g}"
-        lines.append(f"strength curve (mu* = {mu_star}; mu: {strengths}):")
-        for name, values in curve["metrics"].items():
-            if "/" in name or name not in curve["best"]:
-                continue
-            scale = 100.0 if is_fraction(name) else 1.0
-            points = " ".join(_fmt(v, scale).strip() for v in values)
-            best = curve["best"][name]
-            lines.append(f"  {name:<10} {points}   best mu {best['mu']:.3g}")
+        interval = differences.get(name)
+        bounds = "" if not interval else f"   [{scale * interval['low']:+.2f}, {scale * interval['high']:+.2f}]"
+        lines.append(f"{name:<12}{_fmt(plain, scale):>9}{_fmt(steered, scale):>9}{_fmt(delta, scale):>9}{bounds}")
+    lines += _curve_lines(payload)
     lines += _estimate_lines(payload)
     if payload.get("model", {}).get("name_or_path", "").startswith("svdecode-tiny"):
         lines.append("(a tiny model built in code: the effect of steering is near zero here; see README)")

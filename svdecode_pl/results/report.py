@@ -6,9 +6,10 @@ Writes ``RUNS_DIR/report/``:
   PEFT method, plain) followed by its ``+ SVDecode`` row (steered) with the change in points;
   TruthfulQA: MC1/MC2/MC3/Avg and %Truth/%Info/%T*I/Avg (BLEU/ROUGE-L acc without judges);
   commonsense: accuracy per set and Avg. LaTeX uses ``booktabs``.
-* ``figures/*.png``: the metric against mu with mu* and the best mu on the grid marked (runs with
-  a ``mu_curve``), the metric against warm-start steps, plain and steered (runs that differ in
-  their warm-start length only), TruthfulQA per-category bars and commonsense per-set bars.
+* ``figures/*.png``: each mode's test metrics against mu with every estimate and the steered
+  (mode, mu) marked (runs with ``test_curves``), the metric against warm-start steps, plain and
+  steered (runs that differ in their warm-start length only), TruthfulQA per-category bars and
+  commonsense per-set bars.
 """
 
 from __future__ import annotations
@@ -211,9 +212,11 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in text)
 
 
-#: how each strength estimate is drawn on the strength curve (the paper's mu* dashed black)
+#: how each strength estimate is drawn on the strength curves (the paper's mu* dashed black)
 ESTIMATE_STYLES = {"mu_star": ("black", "--"), "mu_star_heldout": ("tab:purple", ":"),
-                   "mu_star_filtered": ("tab:brown", "-."), "validation_best": ("tab:green", "-")}
+                   "mu_star_filtered": ("tab:brown", "-.")}
+#: each mode's curves: static solid, dynamic dashed
+MODE_STYLES = {"static": "-", "dynamic": "--"}
 
 
 def symlog_threshold(strengths: list[float]) -> float:
@@ -223,32 +226,40 @@ def symlog_threshold(strengths: list[float]) -> float:
 
 
 def mu_curve_figure(run: Run, out: Path) -> Path:
-    """The metrics against mu on a symlog axis (both signs, small and large strengths alike), with
-    the paper's mu*, every other estimate and the best grid point (a star) marked."""
-    curve = run.results["mu_curve"]
-    estimates = (run.results.get("steering") or {}).get("estimates") or {"mu_star": {"mu": curve.get("mu_star")}}
+    """Each mode's test metrics against mu on a symlog axis (both signs, small and large strengths
+    alike), every estimate marked (its mode in the label) and the (mode, mu) steered at as a star."""
+    curves = run.results["test_curves"]
+    steering = run.results.get("steering") or {}
     plt, fig, ax = _figure()
-    order = sorted(range(len(curve["mu"])), key=lambda i: curve["mu"][i])
-    mus = [curve["mu"][i] for i in order]
-    for name, values in curve["metrics"].items():
-        if "/" in name or all(v is None for v in values):
-            continue
-        points = [None if values[i] is None else 100 * values[i] for i in order]
-        line = ax.plot(mus, points, marker="o", markersize=3, label=name)[0]
-        best = curve["best"].get(name)
-        if best is not None:
-            ax.plot([best["mu"]], [100 * best["value"]], marker="*", markersize=14, color=line.get_color())
-    for name, entry in estimates.items():
-        if entry.get("mu") is None:
-            continue
-        color, style = ESTIMATE_STYLES.get(name, ("gray", "--"))
-        label = f"{name} = {entry['mu']:.3g}" + (" (paper)" if name == "mu_star" else "")
-        ax.axvline(entry["mu"], color=color, linestyle=style, linewidth=1.2, label=label)
-    ax.set_xscale("symlog", linthresh=symlog_threshold(mus + [e["mu"] for e in estimates.values() if e.get("mu")]))
+    strengths = []
+    for mode, curve in curves.items():
+        order = sorted(range(len(curve["mu"])), key=lambda i: curve["mu"][i])
+        mus = [curve["mu"][i] for i in order]
+        strengths += mus
+        for name, values in curve["metrics"].items():
+            if "/" in name or all(v is None for v in values):
+                continue
+            points = [None if values[i] is None else 100 * values[i] for i in order]
+            line = ax.plot(mus, points, MODE_STYLES.get(mode, "-"), marker="o", markersize=3,
+                           label=f"{name} ({mode})")[0]
+            if steering.get("mode") == mode and steering.get("mu") in curve["mu"]:
+                steered = values[curve["mu"].index(steering["mu"])]
+                if steered is not None:
+                    ax.plot([steering["mu"]], [100 * steered], marker="*", markersize=14, color=line.get_color())
+    for mode, estimates in (steering.get("estimates") or {}).items():
+        for name, entry in estimates.items():
+            if entry.get("mu") is None:
+                continue
+            color, style = ESTIMATE_STYLES.get(name, ("gray", "--"))
+            paper = " (paper)" if name == "mu_star" else ""
+            ax.axvline(entry["mu"], color=color, linestyle=style, linewidth=1.2,
+                       label=f"{name} {mode} = {entry['mu']:.3g}{paper}")
+            strengths.append(entry["mu"])
+    ax.set_xscale("symlog", linthresh=symlog_threshold(strengths))
     ax.set_xlabel("steering strength mu (symlog; < 0: away from the pre-trained model)")
     ax.set_ylabel("metric (%)")
-    ax.set_title(f"{run.name}: metric against mu (star: best mu on the test grid)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(f"{run.name}: test metrics against mu, both modes (star: steered)", fontsize=9)
+    ax.legend(fontsize=6)
     return _save(plt, fig, out / f"mu_curve_{_slug(run.name)}.png")
 
 
@@ -319,7 +330,7 @@ def report(runs_dir: str | Path) -> list[Path]:
     figures.mkdir(parents=True, exist_ok=True)
     written = [p for table in tables(runs) for p in write_tables(table, out)]
     for run in runs:
-        if run.results.get("mu_curve"):
+        if run.results.get("test_curves"):
             written.append(mu_curve_figure(run, figures))
         bars = bars_figure(run, figures)
         if bars is not None:

@@ -1,5 +1,5 @@
 """Stage 4, the method (plain torch, no Lightning): the steering direction, mu*, the vector artifact,
-the calibration statistics and pass, and the logits processor. May import stages 0-3.
+the strength choice, the calibration statistics and pass, and the logits processor. May import stages 0-3.
 
 >>> import torch
 >>> from svdecode_pl.steering import steering_direction
@@ -8,6 +8,7 @@ the calibration statistics and pass, and the logits processor. May import stages
 tensor([[-0.3353,  0.1676,  0.1676]])
 """
 
+from svdecode_pl.steering.strength import Candidate, ModeEstimates, StrengthChoice
 from svdecode_pl.steering.vector import (
     FORMAT_VERSION,
     SteeringMode,
@@ -21,6 +22,9 @@ from svdecode_pl.steering.vector import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "Candidate",
+    "ModeEstimates",
+    "StrengthChoice",
     "SteeringMode",
     "SteeringVector",
     "fine_tuning_gradient",

@@ -60,10 +60,8 @@ class SteeringStatistics(Metric):
             states.update(direction_sum=self.direction_sum, gradient_sum=self.gradient_sum)
         return states
 
-    def steering_vector(
-        self, eps: float = 1e-8, mu: float | None = None, mu_scale: float = 1.0, metadata: dict | None = None
-    ) -> SteeringVector:
-        """The steering vector of all tokens seen on all processes; ``mu`` overrides mu*. Every sum
+    def steering_vector(self, eps: float = 1e-8, metadata: dict | None = None) -> SteeringVector:
+        """The steering vector of all tokens seen on all processes, at its mu*. Every sum
         comes from :meth:`compute` (gathered over the processes on the states' device; outside it the
         states hold this process's own sums)."""
         states = self.compute()
@@ -78,8 +76,6 @@ class SteeringStatistics(Metric):
             gradient_sum=states.get("gradient_sum"),
             confidence_threshold=self.confidence_threshold,
             eps=eps,
-            mu=mu,
-            mu_scale=mu_scale,
             metadata=metadata,
         )
 

@@ -11,6 +11,7 @@ from svdecode_pl.utils.validation import FINITE, FRACTION, NON_NEGATIVE, POSITIV
 
 STEERING_RULES: dict[str, Rule] = {
     "mu": FINITE.or_none(),
+    "strength": FINITE,  # a fixed strength; a rule's name is checked by the callback
     "mu_scale": FINITE,
     "confidence_threshold": FRACTION,
     "filter_threshold": FRACTION,

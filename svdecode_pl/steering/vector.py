@@ -11,22 +11,23 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from svdecode_pl.steering.values import STEERING_RULES, check_steering_values
+from svdecode_pl.steering.strength import Candidate, SteeringMode, StrengthChoice
+from svdecode_pl.steering.values import check_steering_values
+from svdecode_pl.steering.vector_files import (
+    FORMAT_VERSION,
+    META_FILE,
+    TENSORS_FILE,
+    has_direction,
+    read_direction,
+    read_metadata,
+)
 from svdecode_pl.utils.errors import SteeringArtifactError
 from svdecode_pl.utils.files import atomic_directory
-
-SteeringMode = Literal["static", "dynamic"]
-
-_TENSORS_FILE = "steering_vector.safetensors"
-_META_FILE = "steering_vector.json"
-#: version of the artifact's layout; an artifact without the field is version 1
-FORMAT_VERSION = 1
 
 
 def fine_tuning_gradient(adapted_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -156,11 +157,10 @@ def steering_vector_from_sums(
     gradient_sum: torch.Tensor | None,
     confidence_threshold: float,
     eps: float = 1e-8,
-    mu: float | None = None,
-    mu_scale: float = 1.0,
     metadata: dict | None = None,
 ) -> SteeringVector:
-    """Turn the (already reduced) sums into a SteeringVector with its fitted mu*."""
+    """Turn the (already reduced) sums into a SteeringVector at its fitted mu* (which strength a
+    run steers at is :mod:`svdecode_pl.steering.strength`'s choice)."""
     n = float(count)
     if n == 0:
         raise ValueError("no calibration tokens: cannot fit a steering vector")
@@ -173,14 +173,14 @@ def steering_vector_from_sums(
         direction = direction64.float().cpu()
     mu_star = optimal_strength(float(numerator), float(denominator), eps)
     meta = dict(metadata or {})
-    meta.update(token_count=int(n), mu_star=mu_star, eps=eps, mu_scale=mu_scale, mu_override=mu)
-    strength = (mu_star if mu is None else mu) * mu_scale
-    return SteeringVector(direction, strength, mode=mode, confidence_threshold=confidence_threshold, metadata=meta)
+    meta.update(token_count=int(n), mu_star=mu_star, eps=eps)
+    return SteeringVector(direction, mu_star, mode=mode, confidence_threshold=confidence_threshold, metadata=meta)
 
 
 class SteeringVector:
-    """A fitted steering vector: a (V,) task direction in static mode (or none in dynamic mode,
-    where the direction is recomputed from each step's logits) and its strength mu."""
+    """A fitted steering vector: a (V,) task direction (required in static mode; in dynamic mode,
+    where the direction is recomputed from each step's logits, kept when known so the static mode can
+    be scored beside it), its strength mu and the record of how that strength was chosen."""
 
     def __init__(
         self,
@@ -189,16 +189,20 @@ class SteeringVector:
         mode: SteeringMode = "static",
         confidence_threshold: float = 0.0,
         metadata: dict | None = None,
+        choice: StrengthChoice | None = None,
     ) -> None:
         if mode not in ("static", "dynamic"):
             raise ValueError(f"mode must be 'static' or 'dynamic', got {mode!r}")
         # a vector that could not be loaded back (NaN strength) is never built
         check_steering_values("SteeringVector: ", mu=mu, confidence_threshold=confidence_threshold)
-        if mode == "static":
-            if direction is None or direction.dim() != 1:
-                raise ValueError("a static steering vector needs a (V,) direction tensor")
+        if mode == "static" and direction is None:
+            raise ValueError("a static steering vector needs a (V,) direction tensor")
+        if direction is not None:
+            if direction.dim() != 1:
+                raise ValueError("a steering direction is a (V,) tensor")
             direction = direction.detach().float()
         self.direction = direction
+        self.choice = choice
         self.mu = float(mu)
         self.mode: SteeringMode = mode
         self.confidence_threshold = float(confidence_threshold)
@@ -233,13 +237,30 @@ class SteeringVector:
             )
         return adapted_logits.float() + self.shift(adapted_logits, base_logits)
 
+    @property
+    def modes(self) -> tuple[SteeringMode, ...]:
+        """The modes this vector can steer in (static needs the direction)."""
+        return ("static", "dynamic") if self.direction is not None else ("dynamic",)
+
     def with_mu(self, mu: float) -> SteeringVector:
         """The same direction at another strength."""
-        return SteeringVector(self.direction, mu, self.mode, self.confidence_threshold, self.metadata)
+        return SteeringVector(self.direction, mu, self.mode, self.confidence_threshold, self.metadata, self.choice)
+
+    def at(self, candidate: Candidate) -> SteeringVector:
+        """The same vector in ``candidate``'s mode and at its strength."""
+        return SteeringVector(self.direction, candidate.mu, candidate.mode, self.confidence_threshold, self.metadata,
+                              self.choice)
+
+    def chosen(self, choice: StrengthChoice) -> SteeringVector:
+        """The vector steering at what ``choice`` says, carrying the record."""
+        vector = self.at(choice.candidate)
+        vector.choice = choice
+        return vector
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "mode": self.mode, "mu": self.mu,
-                "confidence_threshold": self.confidence_threshold, "metadata": self.metadata}
+                "confidence_threshold": self.confidence_threshold, "metadata": self.metadata,
+                "strength_choice": None if self.choice is None else self.choice.to_dict()}
 
     def save(self, path: str | Path) -> Path:
         """Write ``steering_vector.safetensors`` + ``steering_vector.json`` into directory ``path``,
@@ -247,8 +268,8 @@ class SteeringVector:
         path = Path(path)
         tensors = {} if self.direction is None else {"direction": self.direction.contiguous().cpu()}
         with atomic_directory(path) as tmp:
-            save_file(tensors, str(tmp / _TENSORS_FILE))
-            (tmp / _META_FILE).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+            save_file(tensors, str(tmp / TENSORS_FILE))
+            (tmp / META_FILE).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
@@ -256,17 +277,25 @@ class SteeringVector:
         """Load what :meth:`save` wrote; every problem is a :class:`SteeringArtifactError` naming
         the file and the field."""
         path = Path(path)
-        meta_file, tensor_file = path / _META_FILE, path / _TENSORS_FILE
+        meta_file, tensor_file = path / META_FILE, path / TENSORS_FILE
         if not path.is_dir():
             raise SteeringArtifactError(f"{path}: steering artifact directory not found")
         if not meta_file.is_file():
             raise SteeringArtifactError(f"{meta_file}: not found (the steering artifact's metadata)")
-        meta = _read_metadata(meta_file)
+        meta = read_metadata(meta_file)
         direction = None
-        if meta["mode"] == "static":
-            direction = _read_direction(tensor_file, meta["metadata"].get("vocab_size"))
+        if meta["mode"] == "static" or (meta.get("format_version", 1) >= 2 and has_direction(tensor_file)):
+            direction = read_direction(tensor_file, meta["metadata"].get("vocab_size"))
         try:
-            return cls(direction, meta["mu"], meta["mode"], meta["confidence_threshold"], meta["metadata"])
+            choice = meta.get("strength_choice")
+            if meta.get("format_version", 1) < 2:
+                choice = StrengthChoice.legacy(meta["mode"], meta["mu"], meta["metadata"])
+            elif choice is not None:
+                choice = StrengthChoice.from_dict(choice)
+        except (KeyError, TypeError, ValueError) as err:
+            raise SteeringArtifactError(f"{meta_file}: field 'strength_choice': {err!r}") from None
+        try:
+            return cls(direction, meta["mu"], meta["mode"], meta["confidence_threshold"], meta["metadata"], choice)
         except ValueError as err:
             raise SteeringArtifactError(f"{meta_file}: {err}") from None
 
@@ -288,70 +317,3 @@ class SteeringVector:
     def __repr__(self) -> str:
         return (f"SteeringVector(mode={self.mode!r}, mu={self.mu:.6g}, "
                 f"confidence_threshold={self.confidence_threshold}, vocab_size={self.vocab_size})")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _read_metadata(meta_file: Path) -> dict[str, Any]:
-    """``steering_vector.json``, every field checked."""
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise SteeringArtifactError(f"{meta_file}: not valid UTF-8 (byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise SteeringArtifactError(f"{meta_file}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(meta, dict):
-        raise SteeringArtifactError(f"{meta_file}: expected a JSON object, got {type(meta).__name__}")
-
-    def fail(name: str, problem: str) -> SteeringArtifactError:
-        return SteeringArtifactError(f"{meta_file}: field {name!r}: {problem}")
-
-    version = meta.get("format_version", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise fail("format_version", f"expected a positive integer, got {version!r}")
-    if version > FORMAT_VERSION:
-        raise fail("format_version", f"{version}: written by a newer svdecode (this one reads up to "
-                                     f"{FORMAT_VERSION}); upgrade svdecode-pl")
-    for key in ("mode", "mu", "confidence_threshold", "metadata"):
-        if key not in meta:
-            raise fail(key, "missing")
-    if meta["mode"] not in ("static", "dynamic"):
-        raise fail("mode", f"unknown mode {meta['mode']!r} (expected 'static' or 'dynamic')")
-    if not _is_number(meta["mu"]) or not math.isfinite(meta["mu"]):
-        raise fail("mu", f"expected a finite number, got {meta['mu']!r}")
-    threshold = STEERING_RULES["confidence_threshold"].problem(meta["confidence_threshold"])
-    if threshold is not None:
-        raise fail("confidence_threshold", f"{threshold}, got {meta['confidence_threshold']!r}")
-    if not isinstance(meta["metadata"], dict):
-        raise fail("metadata", f"expected a JSON object, got {type(meta['metadata']).__name__}")
-    vocab_size = meta["metadata"].get("vocab_size")
-    if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1):
-        raise fail("metadata.vocab_size", f"expected a positive integer, got {vocab_size!r}")
-    if meta["mode"] == "dynamic" and vocab_size is None:
-        raise fail("metadata.vocab_size", "missing (a dynamic vector records the vocabulary it was fitted on)")
-    return meta
-
-
-def _read_direction(tensor_file: Path, vocab_size: int | None) -> torch.Tensor:
-    """The static direction: present, readable, a finite float32 (V,) tensor of the recorded size."""
-    if not tensor_file.is_file():
-        raise SteeringArtifactError(f"{tensor_file}: not found (a static steering vector needs its direction)")
-    try:
-        tensors = load_file(str(tensor_file))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise SteeringArtifactError(f"{tensor_file}: truncated or corrupt safetensors file ({err})") from None
-    if "direction" not in tensors:
-        raise SteeringArtifactError(f"{tensor_file}: tensor 'direction': missing (found {sorted(tensors)})")
-    direction = tensors["direction"]
-    if direction.dtype != torch.float32:
-        raise SteeringArtifactError(f"{tensor_file}: tensor 'direction': dtype {direction.dtype}, expected float32")
-    if direction.dim() != 1 or (vocab_size is not None and direction.numel() != vocab_size):
-        expected = "(V,)" if vocab_size is None else f"({vocab_size},) as metadata.vocab_size says"
-        raise SteeringArtifactError(
-            f"{tensor_file}: tensor 'direction': shape {tuple(direction.shape)}, expected {expected}")
-    bad = int((~torch.isfinite(direction)).sum())
-    if bad:
-        raise SteeringArtifactError(f"{tensor_file}: tensor 'direction': {bad} NaN or infinite entries")
-    return direction

@@ -25,6 +25,7 @@ from svdecode_pl.evaluation.generation_settings import GenerationSettings
 from svdecode_pl.evaluation.items import ChoiceItem, EvalItem
 from svdecode_pl.evaluation.judges import JudgeSettings
 from svdecode_pl.models.loading import load_tokenizer, resolve_name_or_path
+from svdecode_pl.steering.strength import SelectionMetric
 from svdecode_pl.tasks.context import fit_examples_to_context, fit_items_to_context, model_context_limit
 from svdecode_pl.tasks.resumable import ResumableDataLoader
 from svdecode_pl.utils.errors import DataFormatError, OptionError
@@ -160,9 +161,14 @@ class TaskDataModule(LightningDataModule):
         return list(self.task_metrics)
 
     @property
-    def selection_metric(self) -> str:
-        """The metric that chooses a strength on the validation split (``validation_best``)."""
-        return self.metric_names[0]
+    def selection(self) -> SelectionMetric:
+        """What chooses a strength on the validation split (:mod:`svdecode_pl.steering.strength`):
+        by default the first metric, with every reported metric guarded against a significant fall."""
+        return SelectionMetric((self.metric_names[0],), tuple(self.metric_names))
+
+    def selection_items(self, split: Split = "validation") -> list[EvalItem]:
+        """The items the validation pass scores (default: the split's evaluation items)."""
+        return self.eval_items(split)
 
     @property
     def source(self) -> str:
@@ -252,6 +258,11 @@ class TaskDataModule(LightningDataModule):
     def scoring_dataloader(self, split: Split = "test") -> DataLoader:
         self.require_examples(split)
         return DataLoader(self.eval_items(split), batch_size=self.hparams.eval_batch_size,
+                          num_workers=self.hparams.num_workers, collate_fn=collate_items)
+
+    def selection_dataloader(self, split: Split = "validation") -> DataLoader:
+        """The validation pass's items (:meth:`selection_items`), every process the whole split."""
+        return DataLoader(self.selection_items(split), batch_size=self.hparams.eval_batch_size,
                           num_workers=self.hparams.num_workers, collate_fn=collate_items)
 
     def train_dataloader(self) -> DataLoader:

@@ -11,18 +11,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from svdecode_pl.corpus.primer import QA_PRIMER, truthfulqa_gen_prompt
+from svdecode_pl.corpus.questions import MCQuestion
 from svdecode_pl.corpus.synthetic import synthetic_questions, synthetic_source
 from svdecode_pl.corpus.worlds import DEFAULT_WORLD, world_named
 from svdecode_pl.evaluation.encoding import encode_prompt_target
 from svdecode_pl.evaluation.generation_settings import GenerationSettings
-from svdecode_pl.evaluation.items import GenerationItem
+from svdecode_pl.evaluation.items import EvalItem, GenerationItem
 from svdecode_pl.evaluation.judges import JudgeSettings
 from svdecode_pl.metrics.text import TRUTHFULQA_GEN_KEYS, split_answer_cell, truthfulqa_gen_references
-from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule, check_task_values, seeded_splits
+from svdecode_pl.steering.strength import SelectionMetric
+from svdecode_pl.tasks.base import (
+    LMExample,
+    Split,
+    TaskDataModule,
+    check_task_values,
+    mark_shared_prefix,
+    seeded_splits,
+)
 from svdecode_pl.tasks.readers import read_by_suffix, read_csv_rows, read_json_rows
+from svdecode_pl.tasks.truthfulqa_mc import MC_SELECTION, mc_item
 from svdecode_pl.utils.errors import DataFormatError
 
 
@@ -82,6 +92,15 @@ def read_generation_file(path: str | Path) -> list[GenerationQuestion]:
     """TruthfulQA generation questions from ``TruthfulQA.csv`` or a JSON/JSONL file of the hub's form."""
     rows = read_by_suffix(path, lambda csv: read_csv_rows(csv)[1], read_json_rows)
     return [parse_generation_record(row, str(path), index) for index, row in enumerate(rows)]
+
+
+def reference_question(question: GenerationQuestion) -> MCQuestion:
+    """The question's reference answers as TruthfulQA MC sets: MC1 = the best answer against the
+    incorrect ones, MC2 = every correct answer against the incorrect ones (each answer once)."""
+    correct = list(dict.fromkeys([question.best_answer, *question.correct_answers]))
+    incorrect = [a for a in dict.fromkeys(question.incorrect_answers) if a not in correct]
+    return MCQuestion(question.id, question.question, [question.best_answer, *incorrect], [1] + [0] * len(incorrect),
+                      correct + incorrect, [1] * len(correct) + [0] * len(incorrect))
 
 
 def synthetic_generation_questions(num_questions: int, seed: int = 0,
@@ -144,6 +163,7 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
         limit: int | None = None,
         generation: GenerationSettings | None = None,
         judges: JudgeSettings | None = None,
+        selection: Literal["references", "decoding"] = "references",
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 0,
@@ -165,6 +185,10 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
             limit: Use only the first ``limit`` questions (after loading, before splitting).
             generation: Decoding settings (default: lm-eval's, greedy, stop at ``\\n\\n``, 256 new tokens).
             judges: Truth/info judge models (default: none; BLEU/ROUGE only).
+            selection: How the validation split chooses a strength: ``references``, one log-likelihood
+                pass scoring each question's correct and incorrect reference answers as TruthfulQA MC
+                does (mean(MC1, MC2), as the MC task); ``decoding``, one full decoding pass per
+                candidate strength, graded by BLEU/ROUGE acc (about 40 decodings of the split).
             batch_size: Warm-start and calibration batch size (sequences).
             eval_batch_size: Questions decoded per batch (left-padded).
             num_workers: DataLoader workers.
@@ -212,6 +236,20 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
             hp = self.hparams
             self._all_splits = seeded_splits(self.load_questions(), self.split_seed, hp.train_fraction, hp.val_fraction)
         return self._all_splits[name]
+
+    @property
+    def selection(self) -> SelectionMetric:
+        if self.hparams.selection == "references":
+            return SelectionMetric(MC_SELECTION.metrics, MC_SELECTION.guarded, "references")
+        return SelectionMetric(("bleu_acc", "rougeL_acc"), tuple(self.metric_names), "decoding")
+
+    def selection_items(self, split: Split = "validation") -> list[EvalItem]:
+        """``references``: each question's reference answers as an MC item after the generation
+        prompt and ``"\nA:"`` (the form the warm-start trained); ``decoding``: the generation items."""
+        if self.hparams.selection != "references":
+            return self.eval_items(split)
+        return mark_shared_prefix([mc_item(self.tokenizer, self.prompt(q) + "\nA:", reference_question(q), q.index,
+                                           q.category) for q in self.split(split)])
 
     def generation_settings(self) -> GenerationSettings:
         return self.generation

@@ -13,6 +13,7 @@ from svdecode_pl.corpus.worlds import DEFAULT_WORLD, world_named
 from svdecode_pl.evaluation.encoding import encode_pair, encode_pairs
 from svdecode_pl.evaluation.items import ChoiceItem
 from svdecode_pl.metrics.choice import mc1_score, mc2_score, mc3_score
+from svdecode_pl.steering.strength import SelectionMetric
 from svdecode_pl.tasks.base import (
     LMExample,
     Split,
@@ -29,6 +30,10 @@ from svdecode_pl.utils.errors import DataFormatError
 
 __all__ = ["TruthfulQADataModule", "collate_items", "collate_lm", "encode_pair", "encode_pairs", "lm_loader",
            "mark_shared_prefix"]
+
+
+#: how MC tasks choose a strength: mean(MC1, MC2) per question, none of MC1/MC2/MC3 falling significantly
+MC_SELECTION = SelectionMetric(("mc1", "mc2"), ("mc1", "mc2", "mc3"))
 
 
 @dataclass(kw_only=True)
@@ -62,9 +67,10 @@ class TruthfulQADataModule(TaskDataModule):
 
     task_name = "truthfulqa_mc"
     task_metrics = ("mc1", "mc2", "mc3")
-    #: MC2 (the probability mass on the true answers) rather than MC1: continuous, so a small
-    #: validation split still ranks neighbouring strengths instead of tying them
-    selection_metric = "mc2"
+    #: mean(MC1, MC2) per question: MC2 (the mass on the true answers) is continuous, so a small
+    #: validation split still ranks neighbouring strengths; alone it let MC1 fall (a strength that
+    #: spreads mass onto the true answers while the top answer turns false), so MC1 counts as much
+    selection = MC_SELECTION
 
     def __init__(
         self,
@@ -169,19 +175,26 @@ class TruthfulQADataModule(TaskDataModule):
     def eval_item(self, question: MCQuestion, uid: int | None = None) -> TruthfulQAMCItem:
         """One question with its shared context and every distinct answer's continuation. The
         ``uid`` is the question's position in the file, so records of any split keep file order."""
-        answers = question.answers
-        context, continuations = encode_pairs(self.tokenizer, self.prompt(question), [" " + a for a in answers])
-        index = {a: i for i, a in enumerate(answers)}
-        return TruthfulQAMCItem(
-            uid=question.extra["index"],
-            id=question.id,
-            group=question.extra.get("Category"),
-            question=question.question,
-            answers=answers,
-            context_ids=context,
-            continuation_ids=continuations,
-            mc1_index=[index[a] for a in question.mc1_choices],
-            mc1_labels=question.mc1_labels,
-            mc2_index=[index[a] for a in question.mc2_choices],
-            mc2_labels=question.mc2_labels,
-        )
+        return mc_item(self.tokenizer, self.prompt(question), question, question.extra["index"],
+                       question.extra.get("Category"))
+
+
+def mc_item(tokenizer, prompt: str, question: MCQuestion, uid: int, group: str | None) -> TruthfulQAMCItem:
+    """A question's MC item: ``prompt`` as the shared context, each distinct answer's continuation
+    ``" " + answer`` scored once and indexed into the MC1 and MC2 sets."""
+    answers = question.answers
+    context, continuations = encode_pairs(tokenizer, prompt, [" " + a for a in answers])
+    index = {a: i for i, a in enumerate(answers)}
+    return TruthfulQAMCItem(
+        uid=uid,
+        id=question.id,
+        group=group,
+        question=question.question,
+        answers=answers,
+        context_ids=context,
+        continuation_ids=continuations,
+        mc1_index=[index[a] for a in question.mc1_choices],
+        mc1_labels=question.mc1_labels,
+        mc2_index=[index[a] for a in question.mc2_choices],
+        mc2_labels=question.mc2_labels,
+    )

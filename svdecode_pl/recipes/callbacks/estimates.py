@@ -1,11 +1,10 @@
-"""The strength estimates of a run, from passes it already makes (see
-:mod:`svdecode_pl.steering.estimates`): the calibration pass feeds a second, filtered fit; the
-validation split, when there is one, gets a calibration pass (held-out mu*) and one scoring pass
-along the mu grid (the strength chosen by the task's metric)."""
+"""The passes behind a run's strength choice (the choice itself: :mod:`svdecode_pl.steering.strength`):
+the calibration pass feeds both modes' fits and their confidence-filtered fits; the validation
+split, when there is one, gets a calibration pass (held-out mu*) and one scoring pass at every
+candidate (mode, mu): one forward with the adapter on and, for the dynamic candidates, one with it
+off, whatever the number of strengths."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -14,8 +13,8 @@ from svdecode_pl.evaluation.evaluator import Evaluator
 from svdecode_pl.evaluation.settings import EvaluationSettings
 from svdecode_pl.models.zero import full_output_head
 from svdecode_pl.steering.calibration import SteeringStatistics, accumulate_calibration
-from svdecode_pl.steering.estimates import best_on_curve
-from svdecode_pl.steering.vector import SteeringMode, SteeringVector
+from svdecode_pl.steering.strength import MODES, Candidate, ValidationScores
+from svdecode_pl.steering.vector import SteeringVector
 
 
 def has_split(trainer: Trainer, split: str) -> bool:
@@ -38,45 +37,47 @@ def calibrate(
             raise ValueError(f"{err} (split {split!r})") from None
 
 
-def heldout_mu_star(
-    trainer: Trainer, pl_module: LightningModule, mode: SteeringMode, threshold: float, eps: float,
-) -> float | None:
-    """mu* fitted on the validation split (None without one)."""
+def mode_statistics(pl_module: LightningModule, threshold: float) -> dict[str, SteeringStatistics]:
+    """One statistics state per mode at ``threshold``, on the module's device."""
+    return {mode: SteeringStatistics(mode, pl_module.vocab_size, threshold).to(pl_module.device) for mode in MODES}
+
+
+def heldout_mu_stars(
+    trainer: Trainer, pl_module: LightningModule, threshold: float, eps: float,
+) -> dict[str, float] | None:
+    """Each mode's mu* fitted on the validation split (None without one)."""
     if not has_split(trainer, "validation"):
         return None
-    stats = SteeringStatistics(mode, pl_module.vocab_size, threshold).to(pl_module.device)
-    calibrate(trainer, pl_module, "validation", [stats])
-    return stats.steering_vector(eps=eps).metadata["mu_star"]
+    stats = mode_statistics(pl_module, threshold)
+    calibrate(trainer, pl_module, "validation", list(stats.values()))
+    return {mode: s.steering_vector(eps=eps).metadata["mu_star"] for mode, s in stats.items()}
 
 
 @torch.no_grad()
-def validation_curve(
-    trainer: Trainer, pl_module: LightningModule, vector: SteeringVector, grid: list[float],
-) -> tuple[str, list[float | None]]:
-    """The task's selection metric on the validation split at each strength of ``grid``, from one
-    evaluation pass (every process scores the whole split: the choice is the same everywhere)."""
+def validation_scores(
+    trainer: Trainer, pl_module: LightningModule, vector: SteeringVector, candidates: list[Candidate],
+) -> ValidationScores | None:
+    """Every validation question's metrics, plain and at each candidate, from one evaluation pass
+    over the task's selection items (every process scores the whole split: the choice is the same
+    everywhere). None without a validation split or a candidate."""
+    if not candidates or not has_split(trainer, "validation"):
+        return None
     datamodule = trainer.datamodule
-    metric = datamodule.selection_metric
+    selection = datamodule.selection
+    metrics = list(dict.fromkeys([*selection.metrics, *selection.guarded]))
     settings = EvaluationSettings(pl_module.evaluation.scoring, datamodule.generation_settings(),
                                   datamodule.judge_settings())
-    settings.use_steering(vector, grid)
+    # steered at the first candidate: a generation task reuses that decoding for its column
+    settings.use_steering(vector.at(candidates[0]), extra=candidates)
+    scored = settings.steering.grid
     evaluator = Evaluator(pl_module.model, pl_module.tokenizer, settings)
-    sums, counts = [0.0] * len(grid), [0] * len(grid)
-    for batch in datamodule.scoring_dataloader("validation"):
+    nan = float("nan")
+    plain, values = [], []
+    for batch in datamodule.selection_dataloader("validation"):
         for record in evaluator.evaluate(batch, pl_module.device):
-            for index, values in enumerate(record.grid_metrics or []):
-                value = values.get(metric)
-                if value is not None and math.isfinite(value):
-                    sums[index] += value
-                    counts[index] += 1
-    return metric, [s / c if c else None for s, c in zip(sums, counts)]
-
-
-def validation_best(
-    trainer: Trainer, pl_module: LightningModule, vector: SteeringVector, grid: list[float] | None,
-) -> tuple[float | None, dict | None]:
-    """The grid strength with the best validation metric, and the curve it was read from."""
-    if not grid or not has_split(trainer, "validation"):
-        return None, None
-    metric, values = validation_curve(trainer, pl_module, vector, grid)
-    return best_on_curve(grid, values), {"metric": metric, "mu": list(grid), "values": values}
+            plain.append([(record.metrics["plain"] or {}).get(m, nan) for m in metrics])
+            values.append([[row.get(m, nan) for m in metrics] for row in record.grid_metrics])
+    if not plain:
+        return None
+    return ValidationScores(metrics, scored, torch.tensor(plain, dtype=torch.float64),
+                            torch.tensor(values, dtype=torch.float64))

@@ -14,25 +14,42 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
-from svdecode_pl.recipes.callbacks.estimates import calibrate, heldout_mu_star, validation_best
+from svdecode_pl.recipes.callbacks.estimates import calibrate, heldout_mu_stars, mode_statistics, validation_scores
 from svdecode_pl.recipes.host import SteeringHost
 from svdecode_pl.recipes.run_unit import fit_provenance, vector_directory
 from svdecode_pl.steering.artifact import save_artifact
-from svdecode_pl.steering.calibration import SteeringStatistics
-from svdecode_pl.steering.estimates import DEFAULT_ESTIMATE, FILTER_THRESHOLD, EstimateName, chosen_strength
 from svdecode_pl.steering.provenance import PROVENANCE_KEY, check_vector_belongs
+from svdecode_pl.steering.strength import (
+    DEFAULT_RULE,
+    FILTER_THRESHOLD,
+    MODES,
+    RULES,
+    Candidate,
+    ModeEstimates,
+    RuleName,
+    SelectionMetric,
+    SteeringMode,
+    absolute_grid,
+    choose,
+    choose_by_rule,
+    describe,
+    estimate_candidates,
+    grid_candidates,
+    rule_candidates,
+)
 from svdecode_pl.steering.values import check_steering_values
-from svdecode_pl.steering.vector import SteeringMode, SteeringVector
+from svdecode_pl.steering.vector import SteeringVector
+from svdecode_pl.utils.errors import OptionError
 
 
 class SteeringVectorCallback(Callback):
     """At ``fit`` end, on the device the model trained on: one pass over the calibration data with
-    the adapter on and off, the steering direction, its confidence filter, mu* and the other
-    strength estimates; then the run's artifacts, written here once: the adapter
-    (``<default_root_dir>/adapter``, also with ``enabled=False``) and the vector
-    (``<dirpath>/steering``, and inside the adapter directory). At ``test``/``predict`` start: load
-    that vector (if the module has no vector yet) and check it matches the model's vocabulary and
-    tokenizer.
+    the adapter on and off, both modes' fits, their confidence filter and mu*, the validation pass
+    and the strength choice (:mod:`svdecode_pl.steering.strength`); then the run's artifacts,
+    written here once: the adapter (``<default_root_dir>/adapter``, also with ``enabled=False``) and
+    the vector (``<dirpath>/steering``, and inside the adapter directory). At ``test``/``predict``
+    start: load that vector (if the module has no vector yet), check it matches the model's
+    vocabulary and tokenizer, and attach it with the candidates ``test`` scores beside it.
 
     Lightning calls ``on_fit_end`` after the strategy's teardown, which moves the module to the CPU
     (and under DeepSpeed may release what it holds); ``on_train_end`` comes before it, but not when
@@ -44,113 +61,146 @@ class SteeringVectorCallback(Callback):
     def __init__(
         self,
         enabled: bool = True,
-        mode: SteeringMode = "static",
+        mode: SteeringMode | None = None,
         confidence_threshold: float = 0.0,
         eps: float = 1e-8,
-        mu: float | None = None,
+        strength: RuleName | float = DEFAULT_RULE,
         mu_scale: float = 1.0,
         calibration: Literal["train", "validation"] = "train",
         dirpath: str | None = None,
         mu_grid: list[float] | None = None,
         mu_grid_relative: bool = True,
-        strength: EstimateName = DEFAULT_ESTIMATE,
         filter_threshold: float = FILTER_THRESHOLD,
     ) -> None:
         """
         Args:
             enabled: Extract and apply a steering vector (false: the warm-started model alone).
             mode: ``static``: one task-level direction, a fixed logit shift; ``dynamic``: the
-                direction recomputed at each position from the adapted and base logits.
+                direction recomputed at each position from the adapted and base logits; null: chosen
+                with the strength on the validation split (static for an explicit strength without one).
             confidence_threshold: Vocabulary entries with warm-started probability below this
                 are zeroed in the direction (0.0 filters nothing).
             eps: Added to the denominator of mu*.
-            mu: A fixed strength that overrides mu* (also when loading an artifact).
-            mu_scale: Multiplies the strength (mu* or ``mu``).
+            strength: How the strength is chosen (:mod:`svdecode_pl.steering.strength`):
+                ``validation`` (the best (mode, mu) of the grid on the validation split, taken only
+                where its gain over plain is significant, else mu = 0), ``mu_star`` (the paper's),
+                ``mu_star_heldout``, ``mu_star_filtered``, or a number (that strength). Every
+                estimate of both modes is recorded on every run.
+            mu_scale: Multiplies an estimate's or a fixed strength, once (not with ``validation``).
             calibration: The data split the vector is extracted from.
             dirpath: Where the ``steering`` artifact goes (default: ``trainer.default_root_dir``).
-            mu_grid: Strengths at which ``test`` also scores every question, from the same forward
-                pass: the metric as a function of mu, in results.json ``mu_curve`` (null: none).
-            mu_grid_relative: ``mu_grid`` values are multiples of mu* (false: absolute strengths).
-            strength: The estimate a run steers at (``mu`` overrides it): ``mu_star`` (the paper's),
-                ``mu_star_heldout``, ``mu_star_filtered`` or ``validation_best`` (see
-                :mod:`svdecode_pl.steering.estimates`; all four are recorded on every run). One that
-                cannot be computed (no validation split, no grid) falls back to ``mu_star``.
+            mu_grid: The strengths the validation split chooses among (in both modes, or the pinned
+                one) and at which ``test`` also scores every question in both modes, from the same
+                forward pass: results.json ``test_curves`` (null: none).
+            mu_grid_relative: ``mu_grid`` values are multiples of each mode's mu* (false: absolute).
             filter_threshold: The confidence threshold of ``mu_star_filtered``.
         """
         super().__init__()
-        if mode not in ("static", "dynamic"):
-            raise ValueError(f"mode must be 'static' or 'dynamic', got {mode!r}")
-        check_steering_values("--steering.", mu=mu, mu_scale=mu_scale, confidence_threshold=confidence_threshold,
+        if mode not in (None, "static", "dynamic"):
+            raise ValueError(f"mode must be 'static', 'dynamic' or null, got {mode!r}")
+        if isinstance(strength, str) and strength not in RULES:
+            raise ValueError(f"strength must be one of {', '.join(RULES)} or a number, got {strength!r}")
+        if strength == "validation" and mu_scale != 1.0:
+            raise ValueError(f"mu_scale {mu_scale} scales an estimate or a fixed strength; strength 'validation' "
+                             "takes the grid's strengths as they are")
+        fixed = {} if isinstance(strength, str) else {"strength": strength}
+        check_steering_values("--steering.", **fixed, mu_scale=mu_scale, confidence_threshold=confidence_threshold,
                               eps=eps, filter_threshold=filter_threshold, mu_grid=mu_grid or [])
-        self.mode: SteeringMode = mode
+        self.mode: SteeringMode | None = mode
         self.confidence_threshold = confidence_threshold
         self.eps = eps
-        self.mu = mu
+        self.strength = strength if isinstance(strength, str) else float(strength)
         self.mu_scale = mu_scale
         self.calibration = calibration
         self.dirpath = dirpath
         self.enabled = enabled
         self.mu_grid = None if mu_grid is None else [float(m) for m in mu_grid]
         self.mu_grid_relative = mu_grid_relative
-        chosen_strength({"mu_star": 0.0}, strength)  # refuses an unknown name at construction
-        self.strength = strength
         self.filter_threshold = filter_threshold
 
-    def grid_strengths(self, vector: SteeringVector) -> list[float] | None:
-        """The absolute strengths of ``mu_grid`` for this vector (multiples of its mu*)."""
-        if not self.mu_grid:
-            return None
-        mu_star = vector.metadata.get("mu_star", vector.mu)
-        return [m * mu_star + 0.0 for m in self.mu_grid] if self.mu_grid_relative else list(self.mu_grid)
+    @property
+    def modes(self) -> tuple[SteeringMode, ...]:
+        """The modes the choice is made among (the pinned one, or both)."""
+        return (self.mode,) if self.mode else MODES
 
     def artifact_dir(self, trainer: Trainer) -> Path:
         return Path(self.dirpath or trainer.default_root_dir) / "steering"
 
     @torch.no_grad()
     def extract(self, trainer: Trainer, host: SteeringHost) -> SteeringVector:
-        """Stream the calibration split once (sharded over processes) and fit the vector; then the
-        strength estimates (see :meth:`estimate`) and the strength chosen among them. Every metric
-        state lives on ``host.device`` (float64), where the processes' sums are gathered."""
+        """Stream the calibration split once (sharded over processes) and fit both modes (and their
+        filtered fits); then the strength choice (:meth:`choose`). Every metric state lives on
+        ``host.device`` (float64), where the processes' sums are gathered."""
         model = host.model
         was_training = model.training
         model.eval()
-        stats = SteeringStatistics(self.mode, host.vocab_size, self.confidence_threshold).to(host.device)
-        filtered = SteeringStatistics(self.mode, host.vocab_size, self.filter_threshold).to(host.device)
+        stats = mode_statistics(host, self.confidence_threshold)
+        filtered = mode_statistics(host, self.filter_threshold)
         loader = trainer.datamodule.lm_dataloader(self.calibration, rank=trainer.global_rank,
                                                   world_size=trainer.world_size)
         batches = tqdm(loader, desc="Steering vector", unit="batch", leave=False,
                        disable=not (trainer.is_global_zero and plain_progress_bar(trainer)))
         with device_seconds(host.device) as calibration_seconds:
-            calibrate(trainer, host, self.calibration, [stats, filtered], batches)
-            vector = stats.steering_vector(eps=self.eps, mu=self.mu, mu_scale=self.mu_scale,
-                                           metadata=dict(host.metadata, calibration=self.calibration))
+            calibrate(trainer, host, self.calibration, [*stats.values(), *filtered.values()], batches)
+            fitted = {mode: s.steering_vector(eps=self.eps, metadata=dict(host.metadata, calibration=self.calibration))
+                      for mode, s in stats.items()}
         with device_seconds(host.device) as estimate_seconds:
-            self.estimate(trainer, host, vector, filtered.steering_vector(eps=self.eps).metadata["mu_star"])
+            fits = {mode: (fitted[mode].mu, filtered[mode].steering_vector(eps=self.eps).mu) for mode in MODES}
+            vector = self.choose(trainer, host, fitted["static"], fits)
+        vector.metadata.update(filter_threshold=self.filter_threshold, mu_star=fitted[vector.mode].mu)
         # where and how long (the first process's clock): a GPU run must show a GPU here
         vector.metadata["extraction"] = {"device": str(host.device), "processes": trainer.world_size,
                                          "calibration_seconds": round(calibration_seconds(), 3),
-                                         "estimate_seconds": round(estimate_seconds(), 3)}
+                                         "estimate_seconds": round(estimate_seconds(), 3),
+                                         **vector.metadata.get("extraction", {})}
         model.train(was_training)
         return vector
 
-    def estimate(self, trainer: Trainer, pl_module: LightningModule, vector: SteeringVector, filtered: float) -> None:
-        """Record every strength estimate in the vector's metadata and steer at the chosen one."""
-        mu_star = vector.metadata["mu_star"]
-        heldout = mu_star if self.calibration == "validation" else heldout_mu_star(
-            trainer, pl_module, self.mode, self.confidence_threshold, self.eps)
-        best, curve = validation_best(trainer, pl_module, vector, self.grid_strengths(vector))
-        estimates = {"mu_star": mu_star, "mu_star_heldout": heldout, "mu_star_filtered": filtered,
-                     "validation_best": best}
-        vector.metadata.update(estimates=estimates, validation_curve=curve,
-                               filter_threshold=self.filter_threshold)
-        self.steer_at(vector)
+    def choose(self, trainer: Trainer, pl_module: LightningModule, vector: SteeringVector,
+               fits: dict[str, tuple[float, float]]) -> SteeringVector:
+        """Every mode's estimates (``fits``: mode -> (mu*, filtered mu*)), the validation pass and
+        the choice; the vector steering at it, carrying the record."""
+        heldout = {m: mu for m, (mu, _) in fits.items()} if self.calibration == "validation" else \
+            heldout_mu_stars(trainer, pl_module, self.confidence_threshold, self.eps)
+        estimates = {m: ModeEstimates(mu, None if heldout is None else heldout[m], filtered)
+                     for m, (mu, filtered) in fits.items()}
+        grid = grid_candidates(self.mu_grid, self.mu_grid_relative, estimates, self.modes)
+        offered = [] if self.strength == "validation" else \
+            rule_candidates(self.strength, estimates, self.modes, self.mu_scale)
+        with device_seconds(pl_module.device) as validation_seconds:
+            scores = validation_scores(trainer, pl_module, vector, list(dict.fromkeys([*grid, *offered])))
+        choice = choose(self.strength, scores, trainer.datamodule.selection, grid, estimates, self.mode,
+                        self.mu_scale)
+        rank_zero_info(describe(choice))
+        chosen = vector.chosen(choice)
+        chosen.metadata["extraction"] = {"validation_seconds": round(validation_seconds(), 3)}
+        return chosen
 
-    def steer_at(self, vector: SteeringVector) -> None:
-        """Set the vector's strength: ``mu`` when given, else the ``strength`` estimate (x ``mu_scale``)."""
-        estimates = vector.metadata.get("estimates") or {"mu_star": vector.metadata.get("mu_star", vector.mu)}
-        name, value = ("mu", self.mu) if self.mu is not None else chosen_strength(estimates, self.strength)
-        vector.mu = value * self.mu_scale
-        vector.metadata["strength"] = name
+    def rechosen(self, vector: SteeringVector) -> SteeringVector:
+        """A loaded vector at this callback's explicit strength when its record holds another (e.g.
+        ``svdecode test --steering.strength -3``); ``validation`` keeps the recorded choice (the
+        validation pass runs at fit end), and refuses a pinned mode the record does not have."""
+        choice = vector.choice
+        if self.strength == "validation":
+            if self.mode is not None and choice is not None and choice.mode != self.mode:
+                raise OptionError(f"--steering.mode {self.mode}: the vector was chosen in mode {choice.mode} "
+                                  f"({choice.rule} rule); pin the mode at fit, or give an explicit --steering.strength")
+            return vector
+        rule = "fixed" if isinstance(self.strength, float) else self.strength
+        modes = tuple(m for m in self.modes if m in vector.modes)
+        same = choice is not None and choice.rule == rule and choice.mode in modes and choice.mu_scale == self.mu_scale
+        if same and (rule != "fixed" or choice.mu == self.strength * self.mu_scale):
+            return vector
+        estimates = choice.estimates if choice is not None else {}
+        return vector.chosen(choose_by_rule(self.strength, None, SelectionMetric(()), estimates, modes, self.mu_scale))
+
+    def test_candidates(self, vector: SteeringVector) -> tuple[dict[str, list[float]], list[Candidate]]:
+        """What ``test`` scores besides plain and steered: the grid in every mode the vector has
+        (the strength curves) and every mode's estimates."""
+        estimates = vector.choice.estimates if vector.choice is not None else {}
+        curves = {mode: absolute_grid(self.mu_grid, self.mu_grid_relative, estimates.get(mode, ModeEstimates()).mu_star)
+                  for mode in vector.modes}
+        return {m: c for m, c in curves.items() if c}, list(estimate_candidates(estimates).values())
 
     # -- the fit end ------------------------------------------------------------------------
 
@@ -166,7 +216,7 @@ class SteeringVectorCallback(Callback):
         vector = self.extract(trainer, host) if self.enabled else None
         if vector is not None:
             vector.metadata["warm_start_steps"] = trainer.global_step
-            host.evaluation.use_steering(vector)
+            host.evaluation.use_steering(vector, *self.test_candidates(vector))
             log_summary(trainer, vector)
         self.write_run(trainer, host, vector)
         self._fit_ended = True
@@ -200,7 +250,7 @@ class SteeringVectorCallback(Callback):
         host: SteeringHost = pl_module.steering_host()
         attached = host.evaluation.steering.vector
         if attached is not None:
-            host.evaluation.use_steering(attached, self.grid_strengths(attached), scored_estimates(attached))
+            host.evaluation.use_steering(attached, *self.test_candidates(attached))
             return
         path = vector_directory(trainer, pl_module, self.dirpath)
         if not path.exists():
@@ -211,8 +261,8 @@ class SteeringVectorCallback(Callback):
         vector.check_compatible(host.vocab_size, fingerprint, source=str(path / "steering_vector.json"))
         check_vector_belongs(vector.metadata, str(path / "steering_vector.json"),
                              getattr(pl_module.hparams, "adapter_path", None), trainer.ckpt_path is not None)
-        self.steer_at(vector)
-        host.evaluation.use_steering(vector, self.grid_strengths(vector), scored_estimates(vector))
+        vector = self.rechosen(vector)
+        host.evaluation.use_steering(vector, *self.test_candidates(vector))
         rank_zero_info(f"loaded {vector} from {path}")
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -262,11 +312,6 @@ def device_seconds(device: torch.device) -> Iterator:
     finally:
         synchronize()
         end = time.perf_counter()
-
-
-def scored_estimates(vector: SteeringVector) -> dict[str, float]:
-    """The estimates of a vector that have a value (scored at test beside the curve)."""
-    return {k: float(v) for k, v in (vector.metadata.get("estimates") or {}).items() if v is not None}
 
 
 def plain_progress_bar(trainer: Trainer) -> bool:
