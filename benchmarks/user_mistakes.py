@@ -78,7 +78,7 @@ def setup(work: Path) -> dict:
     fit(work, "runs/tiny", "--model.name_or_path", "svdecode-tiny")
     fit(work, "runs/ia3", "--config", str(ROOT / "configs" / "peft" / "ia3.yaml"))
     (work / "killer.py").write_text(KILLER)
-    (work / "nan_mu.yaml").write_text("steering:\n  mu: .nan\n")
+    (work / "nan_mu.yaml").write_text("steering:\n  strength: .nan\n")
     (work / "twice.yaml").write_text(
         "model:\n  adapter_path: runs/A/adapter\ntrainer:\n  max_steps: 2\nmodel:\n  learning_rate: 0.01\n")
     one = {"question": "Does a broken mirror bring bad luck?", "mc1_targets": {"No.": 1, "Yes.": 0},
@@ -121,8 +121,8 @@ def case_predict_resumed(work: Path) -> tuple[int, str, str]:
     base = ["predict", "--config", QS, *SMALL, "--trainer.default_root_dir", run, "--model.adapter_path",
             f"{run}/adapter", "--data.init_args.eval_batch_size", "2",
             "--trainer.callbacks+=svdecode_pl.callbacks.JSONLPredictionWriter"]
-    svdecode(work, *base, "--steering.mu", "1", "--trainer.callbacks+=killer.KillAfterBatches")
-    code, out = svdecode(work, *base, "--steering.mu", "5")
+    svdecode(work, *base, "--steering.strength", "1", "--trainer.callbacks+=killer.KillAfterBatches")
+    code, out = svdecode(work, *base, "--steering.strength", "5")
     resumed = [line for line in out.splitlines() if "resuming" in line]
     return code, out, f"resumed: {resumed[0] if resumed else 'no'}"
 
@@ -205,7 +205,8 @@ CASES = [
      simple(*test_args("runs/new1", "--steering.dirpath", "runs/B"))),
     ("1c", 1, "test: no adapter beside a fitted vector", "test --trainer.default_root_dir runs/A (no adapter_path)",
      simple(*test_args("runs/A", adapter=None))),
-    ("1d", 1, "predict killed at mu 1, re-run at mu 5", "predict --steering.mu 1 (killed) then --steering.mu 5",
+    ("1d", 1, "predict killed at mu 1, re-run at mu 5",
+     "predict --steering.strength 1 (killed) then --steering.strength 5",
      case_predict_resumed),
     ("1e", 1, "second fit into a finished run", "fit --trainer.default_root_dir runs/A2 (finished run)",
      case_second_fit),
@@ -217,10 +218,10 @@ CASES = [
      simple(*CKPT, "--trainer.default_root_dir", "runs/F1", "--ckpt_path", "runs/tiny/checkpoints/last.ckpt")),
     ("1j", 1, "--ckpt_path of another PEFT method", "fit --ckpt_path runs/ia3/checkpoints/last.ckpt",
      simple(*CKPT, "--trainer.default_root_dir", "runs/F2", "--ckpt_path", "runs/ia3/checkpoints/last.ckpt")),
-    ("2a", 2, "config file: steering.mu .nan", "test --config nan_mu.yaml",
+    ("2a", 2, "config file: steering.strength .nan", "test --config nan_mu.yaml",
      simple(*test_args("runs/A", "--config", "nan_mu.yaml"))),
-    ("2b", 2, "--steering.mu 1e400", "test --steering.mu 1e400",
-     simple(*test_args("runs/A", "--steering.mu", "1e400"))),
+    ("2b", 2, "--steering.strength 1e400", "test --steering.strength 1e400",
+     simple(*test_args("runs/A", "--steering.strength", "1e400"))),
     ("2c", 2, "lm-eval model_args mu=nan", "lm-eval --model_args ...,mu=nan", lm_eval_case("mu=nan")),
     ("2d", 2, "load_steered(mu=nan)", "python: load_steered('runs/A/adapter', mu=nan)", code_case(LOAD_NAN)),
     ("2e", 2, "logit-bias --mu nan", "logit-bias runs/A/adapter --mu nan",

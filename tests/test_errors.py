@@ -378,7 +378,7 @@ def _run_and_value_inputs(root: Path, adapter: Path, vocab: int) -> dict[str, tu
 
     configs = root / "configs"  # a folder of their own: beside nope.yaml they would be its "did you mean"
     configs.mkdir()
-    (configs / "nan_mu.yaml").write_text("steering:\n  mu: .nan\n")
+    (configs / "nan_mu.yaml").write_text("steering:\n  strength: .nan\n")
     (configs / "twice.yaml").write_text("model:\n  adapter_path: x\ntrainer:\n  max_steps: 2\n"
                                         "model:\n  dtype: float32\n")
     (root / "finished" / "adapter").mkdir(parents=True)
@@ -400,8 +400,9 @@ def _run_and_value_inputs(root: Path, adapter: Path, vocab: int) -> dict[str, tu
     return {
         # values (before any model loads)
         "mu nan in a config file": (["--config", str(configs / "nan_mu.yaml")],
-                                    "--steering.mu nan: expected a finite number (or null), not NaN"),
-        "mu 1e400": (["--steering.mu", "1e400"], "--steering.mu inf: expected a finite number (or null), not infinity"),
+                                    "--steering.strength nan: expected a finite number, not NaN"),
+        "strength 1e400": (["--steering.strength", "1e400"],
+                           "--steering.strength inf: expected a finite number, not infinity"),
         "confidence threshold 1.5": (["fit", "--steering.confidence_threshold", "1.5"],
                                      "--steering.confidence_threshold 1.5: expected a finite number in [0, 1)"),
         "config key twice": (["--config", str(configs / "twice.yaml")], "key 'model' given twice (line 1 and line 5)"),

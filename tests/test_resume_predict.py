@@ -155,14 +155,14 @@ def test_killed_predict_resumes_to_the_uninterrupted_records(tmp_path, straight,
 
 
 def test_resumed_with_another_strength_starts_over(tmp_path, straight):
-    """Killed at ``--steering.mu 2`` and started again at the vector's own strength: the records of
+    """Killed at ``--steering.strength 2`` and started again at the vector's own strength: the records of
     the first strength are not kept (they were, beside the second's: the signature hashed the model
     and data settings only); the result equals an uninterrupted run at the second strength."""
     (tmp_path / "killer.py").write_text(KILLER)
     run_dir = with_steering(tmp_path / "run")
     killer = ["--trainer.callbacks+=killer.KillAfterBatches", "--trainer.callbacks.batches", "2",
               "--trainer.callbacks.marker", str(tmp_path / "killed")]
-    assert predict(run_dir, "mc", 1, *killer, "--steering.mu", "2.0") == -signal.SIGKILL
+    assert predict(run_dir, "mc", 1, *killer, "--steering.strength", "2.0") == -signal.SIGKILL
     assert len(complete_lines(run_dir / "predictions.jsonl.part0")) > 1
     assert predict(run_dir, "mc", 1, *killer) == 0, (run_dir / "predict.log").read_text()[-3000:]
     log = (run_dir / "predict.log").read_text()

@@ -48,8 +48,8 @@ def test_rules_refuse_in_one_line(rule, value, problem):
 
 
 @pytest.mark.parametrize(("options", "expected"), [
-    ({"mu": NAN}, "--steering.mu nan: expected a finite number (or null), not NaN"),
-    ({"mu": INF}, "--steering.mu inf: expected a finite number (or null), not infinity"),
+    ({"strength": NAN}, "--steering.strength nan: expected a finite number, not NaN"),
+    ({"strength": INF}, "--steering.strength inf: expected a finite number, not infinity"),
     ({"mu_scale": NAN}, "--steering.mu_scale nan"),
     ({"confidence_threshold": 1.5}, "--steering.confidence_threshold 1.5: expected a finite number in [0, 1)"),
     ({"filter_threshold": -0.1}, "--steering.filter_threshold -0.1"),

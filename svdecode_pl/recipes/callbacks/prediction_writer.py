@@ -48,7 +48,7 @@ def evaluation_signature(evaluation: Any) -> dict[str, Any]:
             vector.direction.contiguous().cpu().numpy().tobytes()).hexdigest()
         described = {"mode": vector.mode, "mu": vector.mu, "confidence_threshold": vector.confidence_threshold,
                      "direction": direction, "provenance": vector.metadata.get("provenance")}
-    return {"vector": described, "mu_grid": steering.mu_grid, "estimates": steering.estimates,
+    return {"vector": described, "curves": steering.curves, "candidates": [[c.mode, c.mu] for c in steering.extra],
             "generation": repr(evaluation.generation), "judges": repr(evaluation.judges),
             "scoring": repr(evaluation.scoring)}
 
@@ -74,7 +74,7 @@ class JSONLPredictionWriter(BasePredictionWriter):
     another run are discarded. A SIGTERM (what SLURM sends on requeue or preemption, before its
     SIGKILL) ends the run after the batch in hand, its records written, with exit status 143. The
     signature covers the steering vector and strength, the mode and the decoding settings: a run
-    started again with another ``--steering.mu`` starts over (its predecessor's parts are replaced).
+    started again with another ``--steering.strength`` starts over (its predecessor's parts are replaced).
     """
 
     def __init__(self, output: str | None = None, resume: bool = True) -> None:

@@ -96,6 +96,9 @@ class SteeringVectorCallback(Callback):
             filter_threshold: The confidence threshold of ``mu_star_filtered``.
         """
         super().__init__()
+        fixed = {} if isinstance(strength, str) else {"strength": strength}
+        check_steering_values("--steering.", **fixed, mu_scale=mu_scale, confidence_threshold=confidence_threshold,
+                              eps=eps, filter_threshold=filter_threshold, mu_grid=mu_grid or [])
         if mode not in (None, "static", "dynamic"):
             raise ValueError(f"mode must be 'static', 'dynamic' or null, got {mode!r}")
         if isinstance(strength, str) and strength not in RULES:
@@ -103,9 +106,6 @@ class SteeringVectorCallback(Callback):
         if strength == "validation" and mu_scale != 1.0:
             raise ValueError(f"mu_scale {mu_scale} scales an estimate or a fixed strength; strength 'validation' "
                              "takes the grid's strengths as they are")
-        fixed = {} if isinstance(strength, str) else {"strength": strength}
-        check_steering_values("--steering.", **fixed, mu_scale=mu_scale, confidence_threshold=confidence_threshold,
-                              eps=eps, filter_threshold=filter_threshold, mu_grid=mu_grid or [])
         self.mode: SteeringMode | None = mode
         self.confidence_threshold = confidence_threshold
         self.eps = eps
