@@ -256,3 +256,20 @@ def test_a_choice_on_reference_answers_is_confirmed_on_decoded_text():
     assert "decoded bleu_acc falls significantly" in off.reason and describe(off) == STEERING_OFF
     holds = ValidationScores(["bleu_acc", "rougeL_acc"], [chosen], plain, plain[:, None, :] + 0.01)
     assert confirm(choice, holds, None) == choice
+
+
+@pytest.mark.slow
+def test_on_a_generation_cell_where_the_references_mislead_the_default_steers_off(tmp_path):
+    """TruthfulQA generation on svdecode-mini (tuning), the generation quickstart, seed 2: the
+    reference answers favour static mu = -100 significantly (mean(MC1, MC2) +15.6 points on
+    validation), but decoded at that strength the answers lose BLEU/ROUGE (decoded mean(BLEU acc,
+    ROUGE-L acc) -37 points on validation, benchmarks/generation_selection.py): the decoding check
+    steers off."""
+    from svdecode_pl.cli.entry import run_cli
+
+    run_cli(["fit", "--config", str(ROOT / "configs" / "truthfulqa_gen" / "quickstart.yaml"),
+             "--trainer.default_root_dir", str(tmp_path), "--seed_everything", "2", "--trainer.callbacks", "[]",
+             "--trainer.enable_progress_bar", "false"])
+    choice = SteeringVector.load(tmp_path / "steering").choice
+    assert choice.reason.startswith("static mu=-100: mean(mc1, mc2) gain") and choice.validation_gain.low > 0
+    assert (choice.mu, choice.guard_passed) == (0.0, False) and "but decoded" in choice.reason

@@ -267,7 +267,7 @@ def confirm(choice: StrengthChoice, scores: ValidationScores | None, pinned: Ste
         interval = paired_bootstrap(scores.differences((metric,), column)[:, 0], LEVEL)
         if interval is not None and interval.high < 0.0:
             reason = (f"{choice.reason}; but {what} {metric} falls significantly on validation "
-                      f"([{100 * interval.low:+.2f}, {100 * interval.high:+.2f}] points)")
+                      f"(difference [{interval.low:+.4g}, {interval.high:+.4g}] in its own units)")
             return replace(choice, mode=pinned or "static", mu=0.0, guard_passed=False, reason=reason)
     return choice
 
