@@ -25,6 +25,7 @@ from svdecode_pl.steering.strength import (
     best_index,
     choose,
     choose_by_rule,
+    confirm,
     describe,
     grid_candidates,
 )
@@ -239,3 +240,36 @@ def test_on_a_miniature_cell_where_only_dynamic_helps_the_default_picks_dynamic(
     assert results["test_difference"]["mc1"]["low"] > 0.0  # the chosen dynamic strength helps on test
     plain = results["metrics"]["mc1"]["plain"]
     assert max(results["test_curves"]["static"]["metrics"]["mc1"]) <= plain + 0.01  # no static strength does
+
+
+def test_a_choice_on_reference_answers_is_confirmed_on_decoded_text():
+    """Generation: a candidate chosen on the reference answers' likelihood is decoded once; a decoded
+    metric that falls significantly steers off, one that holds keeps the choice."""
+    n, chosen = 60, Candidate("static", -100.0)
+    choice = choose("validation", scores({chosen: signs(30, 0, n)}, n, noise=0.05), MC, CANDIDATES, ESTIMATES, None)
+    assert choice.candidate == chosen and choice.guard_passed
+    plain = torch.rand(n, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    falls = torch.stack([plain[:, 0] - signs(20, 2, n), plain[:, 1]], -1)[:, None, :]
+    decoded = ValidationScores(["bleu_acc", "rougeL_acc"], [chosen], plain, falls)
+    off = confirm(choice, decoded, None)
+    assert (off.mode, off.mu, off.guard_passed) == ("static", 0.0, False)
+    assert "decoded bleu_acc falls significantly" in off.reason and describe(off) == STEERING_OFF
+    holds = ValidationScores(["bleu_acc", "rougeL_acc"], [chosen], plain, plain[:, None, :] + 0.01)
+    assert confirm(choice, holds, None) == choice
+
+
+@pytest.mark.slow
+def test_on_a_generation_cell_where_the_references_mislead_the_default_steers_off(tmp_path):
+    """TruthfulQA generation on svdecode-mini (tuning), the generation quickstart, seed 2: the
+    reference answers favour static mu = -100 significantly (mean(MC1, MC2) +15.6 points on
+    validation), but decoded at that strength the answers lose BLEU/ROUGE (decoded mean(BLEU acc,
+    ROUGE-L acc) -37 points on validation, benchmarks/generation_selection.py): the decoding check
+    steers off."""
+    from svdecode_pl.cli.entry import run_cli
+
+    run_cli(["fit", "--config", str(ROOT / "configs" / "truthfulqa_gen" / "quickstart.yaml"),
+             "--trainer.default_root_dir", str(tmp_path), "--seed_everything", "2", "--trainer.callbacks", "[]",
+             "--trainer.enable_progress_bar", "false"])
+    choice = SteeringVector.load(tmp_path / "steering").choice
+    assert choice.reason.startswith("static mu=-100: mean(mc1, mc2) gain") and choice.validation_gain.low > 0
+    assert (choice.mu, choice.guard_passed) == (0.0, False) and "but decoded" in choice.reason

@@ -14,7 +14,9 @@ Rules (``steering.strength``):
   the guard passes: its gain over plain is significant in a simultaneous 95% band over all
   candidates (:func:`svdecode_pl.metrics.bootstrap.simultaneous_band`: the best of ~38 candidates
   would pass a per-candidate interval far too often), and no reported metric falls significantly
-  (its paired interval does not lie wholly below 0). Otherwise the run steers at mu = 0.
+  (its paired interval does not lie wholly below 0). A generation task that chose on its reference
+  answers also decodes the chosen candidate once (:func:`confirm`): no decoded metric may fall
+  significantly either. Otherwise the run steers at mu = 0.
 - ``mu_star``, ``mu_star_heldout``, ``mu_star_filtered``: that estimate (x ``mu_scale``); a fixed
   number: that strength. No guard (an explicit choice); the validation gain is still recorded.
 """
@@ -22,12 +24,12 @@ Rules (``steering.strength``):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 
-from svdecode_pl.metrics.bootstrap import Interval, ordered_mean, paired_bootstrap, simultaneous_band
+from svdecode_pl.metrics.bootstrap import LEVEL, Interval, ordered_mean, paired_bootstrap, simultaneous_band
 
 SteeringMode = Literal["static", "dynamic"]
 MODES: tuple[SteeringMode, ...] = ("static", "dynamic")
@@ -249,6 +251,25 @@ def choose_on_validation(scores: ValidationScores | None, selection: SelectionMe
     steered = chosen if passed else Candidate(off_mode, 0.0)  # off: static unless pinned (no base model needed)
     return StrengthChoice(mode=steered.mode, mu=steered.mu, guard_passed=passed, validation_gain=gain,
                           reason=reason, validation_curves=_validation_curves(scores, selection, grid), **common)
+
+
+def confirm(choice: StrengthChoice, scores: ValidationScores | None, pinned: SteeringMode | None,
+            what: str = "decoded") -> StrengthChoice:
+    """The guard's second condition on a second look at the validation split (a generation task
+    chosen on its reference answers: the chosen candidate decoded, ``scores`` its one column): a
+    metric that falls significantly there steers off. Reference likelihoods and decoded text can
+    disagree (benchmarks/generation_selection.py measured it), so the cheap choice is checked
+    where the task's own metrics live, at the cost of two decodings (plain and chosen)."""
+    if scores is None or not choice.guard_passed:
+        return choice
+    column = scores.columns([choice.candidate])
+    for metric in scores.metrics:
+        interval = paired_bootstrap(scores.differences((metric,), column)[:, 0], LEVEL)
+        if interval is not None and interval.high < 0.0:
+            reason = (f"{choice.reason}; but {what} {metric} falls significantly on validation "
+                      f"(difference [{interval.low:+.4g}, {interval.high:+.4g}] in its own units)")
+            return replace(choice, mode=pinned or "static", mu=0.0, guard_passed=False, reason=reason)
+    return choice
 
 
 def rule_candidates(rule: str | float, estimates: dict[str, ModeEstimates], modes: tuple[str, ...],

@@ -187,8 +187,9 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
             judges: Truth/info judge models (default: none; BLEU/ROUGE only).
             selection: How the validation split chooses a strength: ``references``, one log-likelihood
                 pass scoring each question's correct and incorrect reference answers as TruthfulQA MC
-                does (mean(MC1, MC2), as the MC task); ``decoding``, one full decoding pass per
-                candidate strength, graded by BLEU/ROUGE acc (about 40 decodings of the split).
+                does (mean(MC1, MC2), as the MC task), the chosen candidate then decoded once to check
+                that no BLEU/ROUGE metric falls significantly; ``decoding``, one full decoding pass
+                per candidate strength, graded by mean(BLEU acc, ROUGE-L acc) (about 40 decodings).
             batch_size: Warm-start and calibration batch size (sequences).
             eval_batch_size: Questions decoded per batch (left-padded).
             num_workers: DataLoader workers.

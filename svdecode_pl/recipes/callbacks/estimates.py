@@ -81,3 +81,24 @@ def validation_scores(
         return None
     return ValidationScores(metrics, scored, torch.tensor(plain, dtype=torch.float64),
                             torch.tensor(values, dtype=torch.float64))
+
+
+@torch.no_grad()
+def decoded_scores(
+    trainer: Trainer, pl_module: LightningModule, vector: SteeringVector, candidate: Candidate,
+) -> ValidationScores:
+    """The validation split's evaluation items (a generation task's: decoded) plain and at
+    ``candidate``, every reported metric: two decodings of the split."""
+    datamodule = trainer.datamodule
+    settings = EvaluationSettings(pl_module.evaluation.scoring, datamodule.generation_settings(),
+                                  datamodule.judge_settings())
+    settings.use_steering(vector.at(candidate))
+    evaluator = Evaluator(pl_module.model, pl_module.tokenizer, settings)
+    metrics, nan = list(datamodule.metric_names), float("nan")
+    plain, steered = [], []
+    for batch in datamodule.scoring_dataloader("validation"):
+        for record in evaluator.evaluate(batch, pl_module.device):
+            plain.append([(record.metrics["plain"] or {}).get(m, nan) for m in metrics])
+            steered.append([[(record.metrics["steered"] or {}).get(m, nan) for m in metrics]])
+    return ValidationScores(metrics, [candidate], torch.tensor(plain, dtype=torch.float64),
+                            torch.tensor(steered, dtype=torch.float64))

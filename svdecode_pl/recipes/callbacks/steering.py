@@ -14,7 +14,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
-from svdecode_pl.recipes.callbacks.estimates import calibrate, heldout_mu_stars, mode_statistics, validation_scores
+from svdecode_pl.recipes.callbacks.estimates import (
+    calibrate,
+    decoded_scores,
+    heldout_mu_stars,
+    mode_statistics,
+    validation_scores,
+)
 from svdecode_pl.recipes.host import SteeringHost
 from svdecode_pl.recipes.run_unit import fit_provenance, vector_directory
 from svdecode_pl.steering.artifact import save_artifact
@@ -32,6 +38,7 @@ from svdecode_pl.steering.strength import (
     absolute_grid,
     choose,
     choose_by_rule,
+    confirm,
     describe,
     estimate_candidates,
     grid_candidates,
@@ -167,10 +174,12 @@ class SteeringVectorCallback(Callback):
         grid = grid_candidates(self.mu_grid, self.mu_grid_relative, estimates, self.modes)
         offered = [] if self.strength == "validation" else \
             rule_candidates(self.strength, estimates, self.modes, self.mu_scale)
+        selection = trainer.datamodule.selection
         with device_seconds(pl_module.device) as validation_seconds:
             scores = validation_scores(trainer, pl_module, vector, list(dict.fromkeys([*grid, *offered])))
-        choice = choose(self.strength, scores, trainer.datamodule.selection, grid, estimates, self.mode,
-                        self.mu_scale)
+            choice = choose(self.strength, scores, selection, grid, estimates, self.mode, self.mu_scale)
+            if selection.source == "references" and choice.rule == "validation" and choice.guard_passed:
+                choice = confirm(choice, decoded_scores(trainer, pl_module, vector, choice.candidate), self.mode)
         rank_zero_info(describe(choice))
         chosen = vector.chosen(choice)
         chosen.metadata["extraction"] = {"validation_seconds": round(validation_seconds(), 3)}
