@@ -399,7 +399,7 @@ def _run_and_value_inputs(root: Path, adapter: Path, vocab: int) -> dict[str, tu
     tiny = ["--data.synthetic_questions", "4"]
     return {
         # values (before any model loads)
-        "mu nan in a config file": (["--config", str(configs / "nan_mu.yaml")],
+        "strength nan in a config file": (["--config", str(configs / "nan_mu.yaml")],
                                     "--steering.strength nan: expected a finite number, not NaN"),
         "strength 1e400": (["--steering.strength", "1e400"],
                            "--steering.strength inf: expected a finite number, not infinity"),
@@ -521,7 +521,8 @@ EARLY_CASES = [
     "misspelt option", "misspelt data option", "missing config file", "config not yaml", "config a directory",
     "value outside a choice", "steering mode", "not a number", "run directory is a file",
     "run directory under a file", "steering directory is a file", "adapter is a file", "checkpoint missing",
-    "sampling at temperature 0", "mu nan in a config file", "mu 1e400", "confidence threshold 1.5", "config key twice",
+    "sampling at temperature 0", "strength nan in a config file", "strength 1e400", "confidence threshold 1.5",
+    "config key twice",
     "zero batch size", "unsupported peft method", "fit into a finished run", "fit into an interrupted run",
     "run directory being written", "results into another run", "checkpoint of another kind",
     "checkpoint of another model",

@@ -311,11 +311,13 @@ def test_fuzzed_files_through_the_console_script(tmp_path):
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}")
     quickstart = str(ROOT / "configs" / "quickstart.yaml")
     command = [str(Path(sys.executable).parent / "svdecode"), "test", "--config", quickstart,
-               "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-               "--trainer.default_root_dir", str(tmp_path / "run")]
-    processes = [(subprocess.Popen([*command, "--data.path", str(path)], stdout=subprocess.PIPE,
+               "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    cases = [(path, message) for _, path, message in outcome.errors if "split '" not in message][:3]
+    # one run directory each: the three run at once, and a run directory takes one writer
+    processes = [(subprocess.Popen([*command, "--data.path", str(path), "--trainer.default_root_dir",
+                                    str(tmp_path / f"run_{index}")], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=env), message)
-                 for _, path, message in outcome.errors if "split '" not in message][:3]
+                 for index, (path, message) in enumerate(cases)]
     for process, message in processes:
         out, err = process.communicate(timeout=600)
         assert process.returncode == 2 and "Traceback" not in out + err, err[-2000:]

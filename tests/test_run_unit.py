@@ -212,9 +212,9 @@ def test_the_adapters_own_vector_comes_first(tmp_path):
 def test_resume_signature_covers_strength_mode_and_decoding():
     base = SteeringVector(torch.ones(4), 1.0)
 
-    def signature(vector=base, generation=None, grid=None):
+    def signature(vector=base, generation=None, curves=None):
         settings = EvaluationSettings(generation=generation)
-        settings.use_steering(vector, grid)
+        settings.use_steering(vector, curves)
         return json.dumps(evaluation_signature(settings), sort_keys=True, default=repr)
 
     same = signature()
@@ -224,7 +224,8 @@ def test_resume_signature_covers_strength_mode_and_decoding():
     assert signature(SteeringVector(None, 1.0, mode="dynamic", metadata={"vocab_size": 4})) != same
     assert signature(generation=GenerationSettings(max_new_tokens=4)) != signature(
         generation=GenerationSettings(max_new_tokens=5))
-    assert signature(grid=[1.0]) != same
+    assert signature(curves={"static": [1.0]}) != same
+    assert signature(curves={"static": [1.0]}) != signature(curves={"dynamic": [1.0]})
 
 
 # -- through the command --------------------------------------------------------------------------

@@ -6,13 +6,13 @@ search is no such combination: the dynamic loop runs beam search (issue 20, item
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from svdecode_pl.corpus.worlds import world_named
 from svdecode_pl.utils.errors import OptionError
+from svdecode_pl.utils.validation import FINITE, check_value
 
 #: ``ckpt_path`` values that Lightning resolves itself (not files)
 _CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
@@ -119,8 +119,8 @@ def check_strength(config: Any) -> None:
     """The steering strength's options: finite numbers, and ``mu_scale`` only where it scales something."""
     strength, scale = _get(config, "steering.strength"), _get(config, "steering.mu_scale")
     for option, value in (("--steering.strength", strength), ("--steering.mu_scale", scale)):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise OptionError(f"{option} {value}: not a finite number")
+        if isinstance(value, float):
+            check_value(option, value, FINITE)
     if strength in (None, "validation") and scale is not None and float(scale) != 1.0:
         raise OptionError(f"--steering.mu_scale {scale} cannot run with --steering.strength validation: it scales "
                           "an estimate or a fixed strength (e.g. --steering.strength mu_star)")
