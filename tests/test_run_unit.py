@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from svdecode_pl.cli.entry import main, run_cli
 from svdecode_pl.cli.run_directory import check_checkpoint, check_evaluation_target, check_fit_target
-from svdecode_pl.evaluation.generation_settings import GenerationSettings
+from svdecode_pl.decoding.settings import GenerationSettings
 from svdecode_pl.evaluation.settings import EvaluationSettings
 from svdecode_pl.recipes.callbacks.prediction_writer import evaluation_signature
 from svdecode_pl.recipes.module import SVDecodeModule

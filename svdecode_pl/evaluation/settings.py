@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from svdecode_pl.evaluation.generation_settings import GenerationSettings
+from svdecode_pl.decoding.settings import GenerationSettings
 from svdecode_pl.evaluation.judges import JudgeSettings
 from svdecode_pl.steering.strength import Candidate
 from svdecode_pl.steering.vector import SteeringVector

@@ -14,7 +14,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from peft import PeftConfig
 from torch import nn
 
-from svdecode_pl.evaluation.device_defaults import EvaluationDefaults, choose_evaluation_defaults, free_memory_of
 from svdecode_pl.evaluation.evaluator import Evaluator
 from svdecode_pl.evaluation.items import VARIANTS, Record
 from svdecode_pl.evaluation.settings import EvaluationSettings, ScoringSettings
@@ -26,6 +25,7 @@ from svdecode_pl.models.adapters import (
     load_checked_adapter,
     save_adapter,
 )
+from svdecode_pl.models.device_defaults import EvaluationDefaults, choose_evaluation_defaults, free_memory_of
 from svdecode_pl.models.heads import hf_model, output_vocab_size, target_hidden_states
 from svdecode_pl.models.loading import DType, load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from svdecode_pl.models.zero import hf_zero3_loading
@@ -87,7 +87,7 @@ class SVDecodeModule(LightningModule):
             chunk_tokens: Positions whose logits are materialised at once (memory bound at
                 large vocabularies).
             score_batch_tokens: None (default): chosen from the device (CPU 0, CUDA sized from free
-                memory; see :func:`~svdecode_pl.evaluation.device_defaults.choose_evaluation_defaults`,
+                memory; see :func:`~svdecode_pl.models.device_defaults.choose_evaluation_defaults`,
                 printed once and recorded in results.json). 0: the questions of a loader batch packed
                 one after the other into long rows, each attending only to itself and the cached primer, so a question's
                 scores do not depend on which questions share a pass and 1 and N processes agree bit

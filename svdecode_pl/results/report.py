@@ -14,7 +14,6 @@ Writes ``RUNS_DIR/report/``:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from collections import defaultdict
@@ -339,13 +338,3 @@ def report(runs_dir: str | Path) -> list[Path]:
     if steps is not None:
         written.append(steps)
     return written
-
-
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="svdecode report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs_dir", help="a directory with results.json files below it")
-    args = parser.parse_args(argv)
-    written = report(args.runs_dir)
-    for table in sorted(p for p in written if p.suffix == ".md"):
-        print(table.read_text())
-    print(f"report: {len(written)} files in {Path(args.runs_dir) / 'report'}")

@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
+from svdecode_pl.integrations.artifact import save_artifact
 from svdecode_pl.recipes.callbacks.estimates import (
     calibrate,
     decoded_scores,
@@ -23,7 +24,6 @@ from svdecode_pl.recipes.callbacks.estimates import (
 )
 from svdecode_pl.recipes.host import SteeringHost
 from svdecode_pl.recipes.run_unit import fit_provenance, vector_directory
-from svdecode_pl.steering.artifact import save_artifact
 from svdecode_pl.steering.provenance import PROVENANCE_KEY, check_vector_belongs
 from svdecode_pl.steering.strength import (
     DEFAULT_RULE,
