@@ -1,4 +1,4 @@
-"""Compiled decoding: a static KV cache and a ``torch.compile``'d step (issue 28, item 3).
+"""Compiled decoding: a static KV cache and a ``torch.compile``'d step.
 
 At batch 1 a GPU's decoding step is bound by Python and kernel launches, not by its FLOPs or its
 memory: a 1.5B model's step launches hundreds of small kernels. With a static cache every step has
@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdecode_pl.models.heads import hf_model, is_prompt_learning
+from svdecode_pl.models.heads import hf_model
+from svdecode_pl.models.peft_methods import is_prompt_learning
 
 #: Static caches are sized to a multiple of this many positions, so batches of similar lengths
 #: share one shape (one compiled graph) instead of recompiling per prompt length (a TruthfulQA

@@ -1,4 +1,4 @@
-"""Decoding on merged adapter weights, restored bit for bit afterwards (issue 28, item 1).
+"""Decoding on merged adapter weights, restored bit for bit afterwards.
 
 Where one model state decodes (plain, or steered by a static vector) a LoRA / IA3 layer costs the
 same as the frozen layer once its update is merged into the weights: no extra kernels per layer,
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from svdecode_pl.models.heads import is_peft_model
+from svdecode_pl.models.peft_methods import method_of
 
 #: Frozen layer types whose merge is plain arithmetic on dense weights (a quantized base layer would
 #: be dequantized and requantized: lossy, so such a model decodes unmerged).
@@ -39,10 +39,13 @@ def _tuner_layers(model: nn.Module) -> list[nn.Module]:
 
 def merge_support(model: nn.Module) -> tuple[bool, str]:
     """(mergeable, why not): a PeftModel whose adapter layers wrap dense, unpartitioned, unmerged weights."""
-    if not is_peft_model(model):
+    method = method_of(model)
+    if method is None:
         return False, "not a PeftModel"
-    if model.active_peft_config.is_prompt_learning:
+    if method.virtual_tokens:
         return False, "prompt learning (virtual tokens, nothing to merge)"
+    if not method.mergeable:
+        return False, f"{method.name}: does not merge into the weights"
     layers = _tuner_layers(model)
     if not layers:
         return False, "no adapter layers"

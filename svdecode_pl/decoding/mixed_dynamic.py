@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from svdecode_pl.decoding.streams import CachedStream, Streams
-from svdecode_pl.models.heads import is_peft_model
+from svdecode_pl.models.peft_methods import method_of
 
 
 class RowMaskUnsupported(RuntimeError):
@@ -46,16 +46,17 @@ def _exact_in(scale: float, dtype: torch.dtype) -> bool:
 
 def mixed_batch_support(model: nn.Module) -> tuple[bool, str]:
     """(supported, why not): plain, unmerged, non-DoRA LoRA layers of one active adapter only."""
-    if not is_peft_model(model):
+    method = method_of(model)
+    if method is None:
         return False, "not a PeftModel"
-    from peft.tuners.lora import LoraLayer, LoraModel
+    from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Embedding, Linear
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    if model.active_peft_config.is_prompt_learning:
+    if method.virtual_tokens:
         return False, "prompt learning (virtual tokens, no tuner layers)"
-    if type(model.base_model) is not LoraModel:  # IA3, AdaLoRA, LoHa, ...: two passes
-        return False, f"{type(model.base_model).__name__}: no per-row LoRA update"
+    if not method.mixes_rows:  # IA3: two passes
+        return False, f"{method.name}: no per-row update"
     if not isinstance(model.active_adapter, str):
         return False, "several active adapters"
     adapter = model.active_adapter

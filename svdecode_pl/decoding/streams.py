@@ -6,7 +6,6 @@ as one doubled batch (LoRA)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
@@ -14,7 +13,8 @@ import torch
 from torch import nn
 
 from svdecode_pl.decoding.compiled import cache_capacity, cache_keyword, compiled_call, reorder_cache, static_cache
-from svdecode_pl.models.heads import hf_model, is_peft_model, is_prompt_learning
+from svdecode_pl.models.heads import hf_model, is_peft_model
+from svdecode_pl.models.peft_methods import AdapterSwitch, is_prompt_learning, method_of, virtual_token_count
 
 
 @runtime_checkable
@@ -39,34 +39,6 @@ def positions_of(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 0)
 
 
-class AdapterSwitch:
-    """Turns a PeftModel's adapter layers off and on around one forward pass, cheaply.
-
-    PEFT's ``disable_adapter()`` context inspects every module (``get_model_status``) and resets
-    ``requires_grad`` on each use, which costs more than a tiny model's decoding step; here the
-    tuner layers are collected once and only their disable flag (what their forward reads) flips.
-    Prompt learning has no adapter layers: its pre-trained model is the wrapped model itself.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper
-
-        kinds = (BaseTunerLayer, AuxiliaryTrainingWrapper)
-        self.layers = [m for m in model.modules() if isinstance(m, kinds) and hasattr(m, "_disable_adapters")]
-
-    @contextlib.contextmanager
-    def off(self) -> Iterator[None]:
-        states = [layer._disable_adapters for layer in self.layers]
-        try:
-            for layer in self.layers:
-                layer._disable_adapters = True
-            yield
-        finally:
-            for layer, state in zip(self.layers, states):
-                layer._disable_adapters = state
-
-
 class CachedStream:
     """One model state (adapted or pre-trained) decoding a left-padded batch with its own KV cache.
 
@@ -87,7 +59,7 @@ class CachedStream:
         self.decoder = hf_model(model).get_decoder()
         self.cache_keyword = cache_keyword(self.decoder)
         self.prompt_learning = adapted and is_prompt_learning(model)
-        self.virtual_tokens = model.active_peft_config.num_virtual_tokens if self.prompt_learning else 0
+        self.virtual_tokens = virtual_token_count(model) if adapted else 0
         batch = attention_mask.shape[0]
         full = torch.cat([attention_mask.new_ones(batch, self.virtual_tokens), attention_mask], dim=1)
         self.prefill_positions = positions_of(full)
@@ -121,7 +93,7 @@ class CachedStream:
             return self._forward(self.decoder, input_ids=input_ids, position_ids=positions)
         peft_model = self.model
         batch = input_ids.shape[0]
-        if peft_model.active_peft_config.peft_type == "PREFIX_TUNING":
+        if method_of(peft_model).prefix_in_cache:
             self.cache = peft_model.get_prompt(batch, max_cache_len=input_ids.shape[1] + self.virtual_tokens)
             return self._forward(self.decoder, input_ids=input_ids, position_ids=positions[:, self.virtual_tokens :])
         embeds = hf_model(peft_model).get_input_embeddings()(input_ids)

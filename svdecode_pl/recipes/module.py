@@ -20,7 +20,6 @@ from svdecode_pl.evaluation.settings import EvaluationSettings, ScoringSettings
 from svdecode_pl.metrics.per_question import QuestionTable
 from svdecode_pl.models.adapters import (
     check_checkpoint_weights,
-    check_peft_method,
     initialize_adapter,
     load_checked_adapter,
     save_adapter,
@@ -28,6 +27,7 @@ from svdecode_pl.models.adapters import (
 from svdecode_pl.models.device_defaults import EvaluationDefaults, choose_evaluation_defaults, free_memory_of
 from svdecode_pl.models.heads import hf_model, output_vocab_size, target_hidden_states
 from svdecode_pl.models.loading import DType, load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from svdecode_pl.models.peft_methods import peft_method
 from svdecode_pl.models.zero import hf_zero3_loading
 from svdecode_pl.recipes.host import SteeringHost
 from svdecode_pl.recipes.optimizer import OptimizerName, build_optimizer
@@ -106,7 +106,7 @@ class SVDecodeModule(LightningModule):
         check_values("--model.", {"learning_rate": learning_rate, "weight_decay": weight_decay,
                                   "chunk_tokens": chunk_tokens, "score_batch_tokens": score_batch_tokens},
                      MODULE_RULES)
-        check_peft_method(peft)
+        peft_method(peft)  # a method the project does not support: one line, before any work
         self.save_hyperparameters(ignore=["peft"])
         # the adapter config is recorded by LightningCLI's config.yaml and PEFT's adapter_config.json
         self.peft_config = peft

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from svdecode_pl.models.peft_methods import method_name
 from svdecode_pl.utils.errors import DataFormatError
 
-METHOD_NAMES = {"LoraConfig": "LoRA", "IA3Config": "IA3", "PromptTuningConfig": "Prompt Tuning",
-                "PrefixTuningConfig": "P-Tuning v2", None: "none"}
 #: (column header, task, metric) of each table family, in the paper's order
 MC_COLUMNS = [("MC1", "truthfulqa_mc", "mc1"), ("MC2", "truthfulqa_mc", "mc2"), ("MC3", "truthfulqa_mc", "mc3")]
 JUDGE_COLUMNS = [("%Truth", "truthfulqa_gen", "truth"), ("%Info", "truthfulqa_gen", "info"),
@@ -56,7 +55,7 @@ class Run:
 
     @property
     def method(self) -> str:
-        return METHOD_NAMES.get((self.results.get("model") or {}).get("peft"), "?")
+        return method_name((self.results.get("model") or {}).get("peft"))
 
     def metric(self, name: str, variant: str) -> float | None:
         return (self.results["metrics"].get(name) or {}).get(variant)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from svdecode_pl.models.heads import hf_model, is_prompt_learning
+from svdecode_pl.models.heads import hf_model
+from svdecode_pl.models.peft_methods import is_prompt_learning
 from svdecode_pl.scoring.job import PrefixCache, ScoringJob, TokenScores
 from svdecode_pl.scoring.packing import PACK_TOKENS, score_packed, score_padded, score_segments
 from svdecode_pl.steering.strength import Candidate
