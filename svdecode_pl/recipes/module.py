@@ -14,8 +14,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from peft import PeftConfig
 from torch import nn
 
+from svdecode_pl.evaluation.columns import record_row, table_columns
 from svdecode_pl.evaluation.evaluator import Evaluator
-from svdecode_pl.evaluation.items import VARIANTS, Record
+from svdecode_pl.evaluation.items import Record
 from svdecode_pl.evaluation.settings import EvaluationSettings, ScoringSettings
 from svdecode_pl.metrics.per_question import QuestionTable
 from svdecode_pl.models.adapters import (
@@ -269,19 +270,12 @@ class SVDecodeModule(LightningModule):
 
     def on_test_start(self) -> None:
         self._start_evaluation()
-        columns = [f"{name}/{variant}" for name in self.datamodule.metric_names for variant in VARIANTS]
-        grid = self.evaluation.steering.grid
-        if grid:
-            columns += [f"{name}/c{i}" for name in self.datamodule.metric_names for i in range(len(grid))]
+        columns = table_columns(self.datamodule.metric_names, len(self.evaluation.steering.grid or []))
         self.eval_table = QuestionTable(columns, self.datamodule.eval_groups("test")).to(self.device)
 
     def test_step(self, batch: list, batch_idx: int) -> None:
         for record in self.evaluate(batch):
-            row = {f"{name}/{variant}": value for variant, values in record.metrics.items()
-                   for name, value in (values or {}).items()}
-            for index, values in enumerate(record.grid_metrics or []):
-                row.update({f"{name}/c{index}": value for name, value in values.items()})
-            self.eval_table.update(record.uid, record.group, row)
+            self.eval_table.update(record.uid, record.group, record_row(record))
 
     def on_test_epoch_end(self) -> None:
         datamodule = self.datamodule
