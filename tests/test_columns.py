@@ -50,3 +50,4 @@ def test_no_other_module_builds_or_parses_a_column_key():
              for path in sorted(PACKAGE.rglob("*.py")) if path.name != "columns.py"
              for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert found == []
+

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from svdecode_pl.models.peft_methods import method_of
+from svdecode_pl.models.peft_methods import lacks
 
 #: Frozen layer types whose merge is plain arithmetic on dense weights (a quantized base layer would
 #: be dequantized and requantized: lossy, so such a model decodes unmerged).
@@ -39,13 +39,9 @@ def _tuner_layers(model: nn.Module) -> list[nn.Module]:
 
 def merge_support(model: nn.Module) -> tuple[bool, str]:
     """(mergeable, why not): a PeftModel whose adapter layers wrap dense, unpartitioned, unmerged weights."""
-    method = method_of(model)
-    if method is None:
-        return False, "not a PeftModel"
-    if method.virtual_tokens:
-        return False, "prompt learning (virtual tokens, nothing to merge)"
-    if not method.mergeable:
-        return False, f"{method.name}: does not merge into the weights"
+    why_not = lacks(model, "mergeable")
+    if why_not is not None:
+        return False, why_not
     layers = _tuner_layers(model)
     if not layers:
         return False, "no adapter layers"

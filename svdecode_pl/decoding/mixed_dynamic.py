@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from svdecode_pl.decoding.streams import CachedStream, Streams
-from svdecode_pl.models.peft_methods import method_of
+from svdecode_pl.models.peft_methods import lacks
 
 
 class RowMaskUnsupported(RuntimeError):
@@ -46,17 +46,13 @@ def _exact_in(scale: float, dtype: torch.dtype) -> bool:
 
 def mixed_batch_support(model: nn.Module) -> tuple[bool, str]:
     """(supported, why not): plain, unmerged, non-DoRA LoRA layers of one active adapter only."""
-    method = method_of(model)
-    if method is None:
-        return False, "not a PeftModel"
+    why_not = lacks(model, "mixes_rows")  # IA3, prompt learning: two passes
+    if why_not is not None:
+        return False, why_not
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Embedding, Linear
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    if method.virtual_tokens:
-        return False, "prompt learning (virtual tokens, no tuner layers)"
-    if not method.mixes_rows:  # IA3: two passes
-        return False, f"{method.name}: no per-row update"
     if not isinstance(model.active_adapter, str):
         return False, "several active adapters"
     adapter = model.active_adapter

@@ -3,7 +3,7 @@
 Plain torch (see :mod:`svdecode_pl.scoring.loglik`): this runs without Lightning too::
 
     >>> settings = EvaluationSettings(generation=datamodule.generation_settings())  # doctest: +SKIP
-    >>> settings.use_steering(SteeringVector.load("runs/quickstart/steering"))     # doctest: +SKIP
+    >>> settings = settings.with_steering(SteeringVector.load("runs/quickstart/steering"))  # doctest: +SKIP
     >>> evaluator = Evaluator(model, tokenizer, settings)                          # doctest: +SKIP
     >>> records = evaluator.evaluate(datamodule.eval_items("test"))      # doctest: +SKIP
 """
@@ -135,7 +135,6 @@ def score_items(
     pad_id: int = 0, prefix: PrefixCache | None = None, tokenizer: Any = None, max_batch_tokens: int = 0,
 ) -> list[Record]:
     """Records of ``items`` (shorthand for :meth:`Evaluator.evaluate`)."""
-    settings = EvaluationSettings(ScoringSettings(chunk_tokens, max_batch_tokens))
-    settings.use_steering(steering)
+    settings = EvaluationSettings(ScoringSettings(chunk_tokens, max_batch_tokens)).with_steering(steering)
     evaluator = Evaluator(model, tokenizer, settings, prefix if prefix is not None else PrefixCache(), pad_id)
     return evaluator.evaluate(items)

@@ -113,6 +113,16 @@ def method_name(config_class: str | None) -> str:
     return next((m.name for m in PEFT_METHODS.values() if m.config_class.rsplit(".", 1)[1] == config_class), "?")
 
 
+def lacks(model: nn.Module, trait: str) -> str | None:
+    """Why the model's active adapter does not have ``trait`` (``mergeable``, ``mixes_rows``); None when it has."""
+    method = method_of(model)
+    if method is None:
+        return "not a PeftModel"
+    if method.virtual_tokens:
+        return "prompt learning (virtual tokens, no adapter layers)"
+    return None if getattr(method, trait) else f"{method.name}: not {trait}"
+
+
 def is_prompt_learning(model: nn.Module) -> bool:
     """The active adapter adds virtual tokens in front of the input (Prompt Tuning, P-Tuning v2)."""
     method = method_of(model)

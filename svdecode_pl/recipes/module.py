@@ -41,6 +41,7 @@ from svdecode_pl.results.payload import (
     test_difference,
     write_results,
 )
+from svdecode_pl.steering.strength import Candidate
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.errors import OptionError
 from svdecode_pl.utils.seeding import run_seed
@@ -113,8 +114,8 @@ class SVDecodeModule(LightningModule):
         self.peft_config = peft
         self.model: nn.Module | None = None
         self.tokenizer = None
-        #: The one owner of the evaluation settings: scoring from these hyper-parameters, decoding and
-        #: judges from the task at test/predict start, steering attached by the steering callback.
+        #: The one owner of the evaluation settings, a value replaced (never written in place): scoring here,
+        #: the task's decoding and judges at test/predict start, steering by the callback (attach_steering).
         self.evaluation = EvaluationSettings(ScoringSettings(chunk_tokens, score_batch_tokens or 0))
         self.evaluation_defaults: EvaluationDefaults | None = None  # the device's choice, once
         self.strict_loading = False  # checkpoints hold only the trainable (adapter) weights
@@ -153,7 +154,7 @@ class SVDecodeModule(LightningModule):
 
     @steering_vector.setter
     def steering_vector(self, vector: SteeringVector | None) -> None:
-        self.evaluation.use_steering(vector, self.evaluation.steering.curves, self.evaluation.steering.extra)
+        self.attach_steering(vector, self.evaluation.steering.curves, self.evaluation.steering.extra)
 
     @property
     def vocab_size(self) -> int:
@@ -188,7 +189,12 @@ class SVDecodeModule(LightningModule):
         writes the run's adapter and vector through it, once (``<root>/adapter``)."""
         self._choose_defaults()
         return SteeringHost(self.model, self.vocab_size, self.device, self.tokenizer, self.evaluation,
-                            self.steering_metadata(), self.save_adapter)
+                            self.steering_metadata(), self.attach_steering, self.save_adapter)
+
+    def attach_steering(self, vector: SteeringVector | None, curves: dict[str, list[float]] | None = None,
+                        extra: list[Candidate] | None = None) -> None:
+        """Evaluate steered by ``vector`` from now on (None: plain only): new settings replace the old."""
+        self.evaluation = self.evaluation.with_steering(vector, curves, extra)
 
     # -- warm-start -----------------------------------------------------------------------
 
@@ -251,14 +257,15 @@ class SVDecodeModule(LightningModule):
         chosen = choose_evaluation_defaults(str(self.device), free_memory_of(self.device), config, dtype_bytes)
         # the attention actually in use (the user's, or transformers' default at load)
         self.evaluation_defaults = replace(chosen, attn_implementation=str(config._attn_implementation))
-        self.evaluation.scoring.score_batch_tokens = self.evaluation_defaults.score_batch_tokens
+        scoring = replace(self.evaluation.scoring, score_batch_tokens=self.evaluation_defaults.score_batch_tokens)
+        self.evaluation = replace(self.evaluation, scoring=scoring)
         rank_zero_info(self.evaluation_defaults.describe())
 
     def _start_evaluation(self) -> None:
         self._choose_defaults()
         datamodule = self.datamodule
-        self.evaluation.generation = datamodule.generation_settings()
-        self.evaluation.judges = datamodule.judge_settings()
+        self.evaluation = replace(self.evaluation, generation=datamodule.generation_settings(),
+                                  judges=datamodule.judge_settings())
         self._evaluator = Evaluator(self.model, self.tokenizer, self.evaluation)
 
     def evaluate(self, batch: list) -> list[Record]:

@@ -69,7 +69,7 @@ def validation_scores(
     settings = EvaluationSettings(pl_module.evaluation.scoring, datamodule.generation_settings(),
                                   datamodule.judge_settings())
     # steered at the first candidate: a generation task reuses that decoding for its column
-    settings.use_steering(vector.at(candidates[0]), extra=candidates)
+    settings = settings.with_steering(vector.at(candidates[0]), extra=candidates)
     scored = settings.steering.grid
     evaluator = Evaluator(pl_module.model, pl_module.tokenizer, settings)
     plain_columns = [Column(m, variant="plain") for m in metrics]
@@ -95,7 +95,7 @@ def decoded_scores(
     datamodule = trainer.datamodule
     settings = EvaluationSettings(pl_module.evaluation.scoring, datamodule.generation_settings(),
                                   datamodule.judge_settings())
-    settings.use_steering(vector.at(candidate))
+    settings = settings.with_steering(vector.at(candidate))
     evaluator = Evaluator(pl_module.model, pl_module.tokenizer, settings)
     metrics = list(datamodule.metric_names)
     columns = {variant: [Column(m, variant=variant) for m in metrics] for variant in ("plain", "steered")}
