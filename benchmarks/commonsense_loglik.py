@@ -6,7 +6,7 @@
 Items of kind ``"multiple_choice"`` (``CommonsenseDataModule(protocol="loglik")`` on
 ../shared/data/commonsense) are scored as ``svdecode test`` scores them: the Alpaca header all
 prompts share is cached once, and each question's prompt is encoded once, followed by all its
-labels' continuations (``svdecode_pl.evaluation.scoring.score_many``). The reference runs one whole forward
+labels' continuations (``svdecode_pl.scoring.loglik.score_many``). The reference runs one whole forward
 pass per (prompt, label) pair. Prints both times (fastest of ``--repeats``, alternating), the
 tokens each feeds the model, the largest score difference and both accuracies.
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from svdecode_pl.evaluation.evaluator import score_items
-from svdecode_pl.evaluation.scoring_job import PrefixCache
 from svdecode_pl.models.loading import load_causal_lm
 from svdecode_pl.models.tiny import TINY_MODELS, build_tiny_model
+from svdecode_pl.scoring.job import PrefixCache
 from svdecode_pl.tasks.commonsense import CommonsenseDataModule
 from svdecode_pl.utils.allocator import keep_freed_memory
 from svdecode_pl.utils.profiling import profiling

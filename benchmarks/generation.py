@@ -94,7 +94,7 @@ def load(args):
 @contextlib.contextmanager
 def two_passes(enabled: bool):
     """Dynamic steering with one pass per model state (the per-row LoRA refused)."""
-    from svdecode_pl.evaluation import mixed_dynamic
+    from svdecode_pl.decoding import mixed_dynamic
 
     saved = mixed_dynamic.mixed_batch_support
     if enabled:
@@ -118,7 +118,7 @@ def lm_eval_runner(model, tokenizer, contexts: list[str], args, batch: int):
 
 def variant_runner(model, tokenizer, name: str, args, direction: torch.Tensor):
     """``run(prompts)`` -> (texts cut as lm-eval cuts them, tokens generated) of one variant."""
-    from svdecode_pl.evaluation.generation import GenerationSettings, cut_text, generate_token_ids
+    from svdecode_pl.decoding.generation import GenerationSettings, cut_text, generate_token_ids
     from svdecode_pl.steering.vector import SteeringVector
 
     steering, adapter, decoding = name.split("/")

@@ -3,7 +3,7 @@
 
 Run with lm-eval's venv, not the project's (see ``benchmarks/lm_eval_reference.py`` for how it
 is made); ``benchmarks/generation.py --lm-eval-python`` calls it and compares the completions
-with :func:`svdecode_pl.evaluation.generation.generate_texts`:
+with :func:`svdecode_pl.decoding.generation.generate_texts`:
 
     /tmp/lmeval/venv/bin/python benchmarks/lm_eval_generate_reference.py --model-dir DIR \
         --contexts contexts.json [--until "\\n\\n"] [--max-gen-toks 64] [--batch-size 1]

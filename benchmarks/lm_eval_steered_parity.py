@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Steered TruthfulQA MC1/MC2 checked independently (issue 19, item 4): lm-eval's own
 ``truthfulqa_mc1``/``truthfulqa_mc2`` task files, run through the lm-eval backend
-(:class:`svdecode_pl.evaluation.lm_eval_backend.SteeredHFLM`), against whole ``svdecode test`` runs,
+(:class:`svdecode_pl.integrations.lm_eval_backend.SteeredHFLM`), against whole ``svdecode test`` runs,
 plain, static and dynamic. MC1 must be identical, MC2 within 1e-6.
 
 Needs lm-eval in the project's environment (``pip install -e '.[lm-eval]'``):
@@ -90,7 +90,7 @@ def run_lm_eval(model_dir: str, adapter: Path, vector: Path | None, task_dir: Pa
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from svdecode_pl.evaluation.lm_eval_backend import SteeredHFLM
+    from svdecode_pl.integrations.lm_eval_backend import SteeredHFLM
 
     start = time.time()
     lm = SteeredHFLM(pretrained=model_dir, peft=str(adapter), steering=str(vector) if vector else None,

@@ -42,10 +42,10 @@ from pathlib import Path
 import torch
 
 from svdecode_pl.evaluation.evaluator import score_items
-from svdecode_pl.evaluation.packing import continuation_trie
-from svdecode_pl.evaluation.scoring_job import PrefixCache
 from svdecode_pl.models.loading import load_causal_lm
 from svdecode_pl.models.tiny import TINY_MODELS, build_tiny_model
+from svdecode_pl.scoring.job import PrefixCache
+from svdecode_pl.scoring.packing import continuation_trie
 from svdecode_pl.tasks.truthfulqa_mc import TruthfulQADataModule
 from svdecode_pl.utils.allocator import keep_freed_memory
 from svdecode_pl.utils.profiling import profiling

@@ -190,7 +190,7 @@ def lm_eval_case(model_args: str):
     return run
 
 
-LOAD_NAN = ("from svdecode_pl.steering.artifact import load_steered; "
+LOAD_NAN = ("from svdecode_pl.integrations.artifact import load_steered; "
             "m = load_steered('runs/A/adapter', mu=float('nan')); print(m.steering_vector)")
 SAVE_NAN = ("import torch; from svdecode_pl.steering.vector import SteeringVector as S; "
             "S(torch.ones(4), float('nan')).save('nan_vec'); print(S.load('nan_vec'))")

@@ -142,10 +142,10 @@ def prompts(flat_tokenizer) -> list[list[int]]:
 def eager_steps(monkeypatch):
     """Compiled decoding's static caches and fixed-width masks, with its steps run uncompiled (compiling
     costs tens of seconds per shape on a CPU; tests/test_compiled.py compiles for real)."""
-    from svdecode_pl.evaluation import compiled, dynamic
+    from svdecode_pl.decoding import compiled, streams
 
     def uncompiled(device):
         return lambda decoder, **inputs: decoder(**inputs)
 
     monkeypatch.setattr(compiled, "compiled_call", uncompiled)
-    monkeypatch.setattr(dynamic, "compiled_call", uncompiled)
+    monkeypatch.setattr(streams, "compiled_call", uncompiled)

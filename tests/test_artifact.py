@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from svdecode_pl.integrations.artifact import load_steered, push_to_hub, save_artifact
 from svdecode_pl.models.tiny import resolve_tiny_model
-from svdecode_pl.steering.artifact import load_steered, push_to_hub, save_artifact
 from svdecode_pl.steering.processor import SteeringLogitsProcessor
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.errors import SteeringArtifactError

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import PROMPT_TEXTS, peft_model
 
-from svdecode_pl.evaluation import compiled, mixed_dynamic
-from svdecode_pl.evaluation.generation import (
+from svdecode_pl.decoding import compiled, mixed_dynamic
+from svdecode_pl.decoding.generation import (
     GenerationSettings,
     decoding_compiled,
     generate_sequences,

@@ -134,7 +134,7 @@ def test_token_ids_match_the_tokenizer_and_items_skip_the_device_walk(mc_task_fi
     """Fast tokenizers encode through their Rust backend: the same ids as ``tokenizer(texts)``;
     evaluation batches (lists of items, no tensors) go to the device untouched, while the
     warm-start batches (dicts of tensors) still move."""
-    from svdecode_pl.evaluation.encoding import token_ids
+    from svdecode_pl.scoring.encoding import token_ids
 
     dm = TruthfulQADataModule(path=str(mc_task_file), train_fraction=0.0)
     dm.setup()

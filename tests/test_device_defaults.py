@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from svdecode_pl.evaluation.device_defaults import (
+from svdecode_pl.models.device_defaults import (
     MAX_SCORE_TOKENS,
     MIN_GENERATION_BATCH,
     MIN_SCORE_TOKENS,

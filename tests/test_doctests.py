@@ -18,7 +18,7 @@ MODULES = sorted(
 
 
 def test_examples_exist():
-    assert "svdecode_pl.evaluation.packing" in MODULES
+    assert "svdecode_pl.scoring.packing" in MODULES
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -10,10 +10,9 @@ import torch
 from conftest import PROMPT_TEXTS, peft_model
 from transformers import LogitsProcessorList
 
-from svdecode_pl.evaluation import mixed_dynamic
-from svdecode_pl.evaluation.dynamic import positions_of
-from svdecode_pl.evaluation.dynamic_beams import beam_search
-from svdecode_pl.evaluation.generation import (
+from svdecode_pl.decoding import mixed_dynamic
+from svdecode_pl.decoding.beams import beam_search
+from svdecode_pl.decoding.generation import (
     GenerationSettings,
     checkpoint_defaults_ignored,
     generate_sequences,
@@ -22,6 +21,7 @@ from svdecode_pl.evaluation.generation import (
     stop_token_ids,
     stopping_criteria,
 )
+from svdecode_pl.decoding.streams import positions_of
 from svdecode_pl.models.heads import hf_model
 from svdecode_pl.steering.vector import SteeringVector
 
@@ -127,12 +127,13 @@ def _streams_after(model, mask, one_pass, prompt_ids, steps, reorder=None, stati
     the beams by ``reorder`` before the last step (``static``: static caches, steps uncompiled)."""
     from contextlib import nullcontext
 
-    from svdecode_pl.evaluation.dynamic import TwoStreams
+    from svdecode_pl.decoding.streams import Streams, TwoStreams
 
     length = prompt_ids.shape[1] + len(steps)
     with mixed_dynamic.mixed_streams(model, mask, length, static) if one_pass else nullcontext() as mixed, \
             torch.no_grad():
         streams = mixed or TwoStreams(model, mask, length, static)
+        assert isinstance(streams, Streams)  # the loop's interface, whichever kind
         streams.prefill(prompt_ids)
         for number, tokens in enumerate(steps):
             if reorder is not None and number == len(steps) - 1:

@@ -69,7 +69,7 @@ def test_user_errors_are_one_line_and_bugs_are_none():
 def test_generation_settings_are_option_errors(settings, expected):
     """A bad ``--data.generation.*`` value is the user's: one line (``svdecode`` exits with 2, not
     a 100-line jsonargparse traceback)."""
-    from svdecode_pl.evaluation.generation import GenerationSettings
+    from svdecode_pl.decoding.generation import GenerationSettings
 
     with pytest.raises(OptionError) as caught:
         GenerationSettings(**settings)

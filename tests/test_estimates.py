@@ -34,14 +34,14 @@ def test_each_candidate_is_scored_once(monkeypatch):
     settings = EvaluationSettings()
     curves = {"static": [-10.0, 0.0, 10.0], "dynamic": [-10.0, 0.0]}
     extra = [Candidate("static", -0.4), Candidate("static", -0.4), Candidate("dynamic", -10.0)]
-    settings.use_steering(SteeringVector(torch.ones(4), -10.0), curves, extra)
+    settings = settings.with_steering(SteeringVector(torch.ones(4), -10.0), curves, extra)
     grid = settings.steering.grid
     assert grid == [Candidate("static", -10.0), Candidate("static", 0.0), Candidate("static", 10.0),
                     Candidate("dynamic", -10.0), Candidate("dynamic", 0.0), Candidate("static", -0.4)]
     assert settings.steering.column(Candidate("dynamic", -10.0)) == 3
     assert settings.steering.column(Candidate("dynamic", 5.0)) is None
-    dynamic_only = EvaluationSettings()
-    dynamic_only.use_steering(SteeringVector(None, -1.0, "dynamic", metadata={"vocab_size": 4}), curves, extra)
+    dynamic = SteeringVector(None, -1.0, "dynamic", metadata={"vocab_size": 4})
+    dynamic_only = EvaluationSettings().with_steering(dynamic, curves, extra)
     assert dynamic_only.steering.grid == [Candidate("dynamic", -10.0), Candidate("dynamic", 0.0)]
 
     decoded = []

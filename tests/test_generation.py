@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import ADAPTER_CONFIGS, peft_model
 
-from svdecode_pl.evaluation.dynamic import dynamic_steered_decode
-from svdecode_pl.evaluation.generation import (
+from svdecode_pl.decoding.dynamic import dynamic_steered_decode
+from svdecode_pl.decoding.generation import (
     GenerationSettings,
     StopStringsCriteria,
     generate_sequences,
@@ -89,7 +89,7 @@ def _plain_generate(model, flat_tokenizer, prompts, settings, processors=()):
     """``model.generate`` as a user calls it, with our settings pinned; the new tokens."""
     from transformers import LogitsProcessorList
 
-    from svdecode_pl.evaluation.generation import checkpoint_defaults_ignored, generation_config, seeded
+    from svdecode_pl.decoding.generation import checkpoint_defaults_ignored, generation_config, seeded
 
     input_ids, mask = left_padded(prompts, flat_tokenizer.pad_token_id, torch.device("cpu"))
     config = generation_config(settings, stop_token_ids(model, flat_tokenizer), flat_tokenizer.pad_token_id)
@@ -173,7 +173,7 @@ def test_beam_scores_are_steered_log_probabilities(flat_model_dir, flat_tokenize
     without a flag (detected) and with the old ``log_probs=True``."""
     from transformers import LogitsProcessorList
 
-    from svdecode_pl.evaluation.generation import checkpoint_defaults_ignored, generation_config
+    from svdecode_pl.decoding.generation import checkpoint_defaults_ignored, generation_config
     from svdecode_pl.steering.processor import SteeringLogitsProcessor
 
     model = peft_model(flat_model_dir)

@@ -47,8 +47,8 @@ def _model(device: torch.device, dtype: torch.dtype):
 
 
 def _scores(model, tok, max_batch_tokens: int = 0):
-    from svdecode_pl.evaluation.scoring import score_many
     from svdecode_pl.models.heads import output_vocab_size
+    from svdecode_pl.scoring.loglik import score_many
     from svdecode_pl.steering.vector import SteeringVector
 
     contexts = [tok(q)["input_ids"] for q in QUESTIONS]
@@ -80,7 +80,7 @@ def test_packed_and_padded_scores_agree(device) -> None:
 def test_steered_generation_runs_and_differs_from_plain(device, mode) -> None:
     """Steered decoding on the device: batched tokens equal one-by-one tokens (left padding and the
     dynamic loop's two caches are right), and a strong static vector changes them (the processor acts)."""
-    from svdecode_pl.evaluation.generation import GenerationSettings, generate_token_ids
+    from svdecode_pl.decoding.generation import GenerationSettings, generate_token_ids
     from svdecode_pl.models.heads import output_vocab_size
     from svdecode_pl.steering.vector import SteeringVector
 
@@ -166,8 +166,8 @@ def test_compiled_decoding_equals_eager_and_replays(device) -> None:
     (the dynamic loop's cache is the same object); merged decoding leaves the weights as they were."""
     import dataclasses
 
-    from svdecode_pl.evaluation import compiled
-    from svdecode_pl.evaluation.generation import GenerationSettings, generate_token_ids
+    from svdecode_pl.decoding import compiled
+    from svdecode_pl.decoding.generation import GenerationSettings, generate_token_ids
     from svdecode_pl.models.heads import hf_model, output_vocab_size
     from svdecode_pl.steering.vector import SteeringVector
 
@@ -191,8 +191,8 @@ def test_compiled_decoding_equals_eager_and_replays(device) -> None:
 def test_merged_weights_restored_from_host_copies(device, monkeypatch) -> None:
     """Where the weights' copies do not fit the device (forced here), they wait in pinned host
     memory: the same tokens, and the weights back bit for bit in their own storage."""
-    from svdecode_pl.evaluation import merged
-    from svdecode_pl.evaluation.generation import GenerationSettings, generate_token_ids
+    from svdecode_pl.decoding import merged
+    from svdecode_pl.decoding.generation import GenerationSettings, generate_token_ids
 
     model, tok = _model(device, torch.float32)
     weights = {name: (p.detach().clone(), p.data_ptr()) for name, p in model.named_parameters()}

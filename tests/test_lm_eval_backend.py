@@ -17,11 +17,11 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from svdecode_pl.evaluation.generation import generate_texts  # noqa: E402
-from svdecode_pl.evaluation.generation_settings import GenerationSettings  # noqa: E402
-from svdecode_pl.evaluation.lm_eval_backend import SteeredHFLM  # noqa: E402
-from svdecode_pl.evaluation.scoring import score_many  # noqa: E402
+from svdecode_pl.decoding.generation import generate_texts  # noqa: E402
+from svdecode_pl.decoding.settings import GenerationSettings  # noqa: E402
+from svdecode_pl.integrations.lm_eval_backend import SteeredHFLM  # noqa: E402
 from svdecode_pl.models.tiny import resolve_tiny_model  # noqa: E402
+from svdecode_pl.scoring.loglik import score_many  # noqa: E402
 from svdecode_pl.steering.vector import SteeringVector  # noqa: E402
 from svdecode_pl.utils.errors import SteeringArtifactError  # noqa: E402
 

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 
 from svdecode_pl.cli.entry import main
+from svdecode_pl.integrations.logit_bias import apply_logit_bias, as_steering_vector, export_logit_bias
 from svdecode_pl.models.tiny import resolve_tiny_model
-from svdecode_pl.steering.logit_bias import apply_logit_bias, as_steering_vector, export_logit_bias
 from svdecode_pl.steering.processor import SteeringLogitsProcessor
 from svdecode_pl.steering.vector import SteeringVector
 

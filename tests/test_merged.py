@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import PROMPT_TEXTS, peft_model
 
-from svdecode_pl.evaluation import generation
-from svdecode_pl.evaluation.generation import GenerationSettings, generate_sequences
-from svdecode_pl.evaluation.merged import merge_support, merged_adapter
-from svdecode_pl.evaluation.scoring import score_many
+from svdecode_pl.decoding import generation
+from svdecode_pl.decoding.generation import GenerationSettings, generate_sequences
+from svdecode_pl.decoding.merged import merge_support, merged_adapter
 from svdecode_pl.models.heads import output_vocab_size
+from svdecode_pl.scoring.loglik import score_many
 from svdecode_pl.steering.vector import SteeringVector
 
 pytestmark = pytest.mark.usefixtures("one_thread")

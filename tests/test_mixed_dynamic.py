@@ -9,8 +9,8 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
 
-from svdecode_pl.evaluation import mixed_dynamic
-from svdecode_pl.evaluation.generation import GenerationSettings, generate_token_ids
+from svdecode_pl.decoding import mixed_dynamic
+from svdecode_pl.decoding.generation import GenerationSettings, generate_token_ids
 from svdecode_pl.models.heads import hf_model
 from svdecode_pl.models.loading import load_causal_lm, load_tokenizer, resolve_name_or_path
 from svdecode_pl.steering.vector import SteeringVector
@@ -71,7 +71,7 @@ def test_one_pass_logits_equal_two_pass_logits() -> None:
     """Both states' logits at every step equal the two-pass loop's (base rows really unadapted)."""
     from transformers import MaxLengthCriteria, StoppingCriteriaList
 
-    from svdecode_pl.evaluation.dynamic import dynamic_steered_decode
+    from svdecode_pl.decoding.dynamic import dynamic_steered_decode
 
     model, tok = lora()
     rows = [tok(p)["input_ids"] for p in PROMPTS]
@@ -107,7 +107,7 @@ def test_embedding_lora_and_exact_scaling() -> None:
     assert mixed_dynamic.mixed_batch_support(model) == (True, "")
     from transformers import MaxLengthCriteria, StoppingCriteriaList
 
-    from svdecode_pl.evaluation.dynamic import dynamic_steered_decode
+    from svdecode_pl.decoding.dynamic import dynamic_steered_decode
 
     rows = [tok(p)["input_ids"] for p in PROMPTS]
     width = max(map(len, rows))

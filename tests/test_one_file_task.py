@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from svdecode_pl.evaluation.encoding import encode_prompt_target
-from svdecode_pl.evaluation.generation_settings import GenerationSettings
+from svdecode_pl.decoding.settings import GenerationSettings
 from svdecode_pl.evaluation.items import GenerationItem
+from svdecode_pl.scoring.encoding import encode_prompt_target
 from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule, seeded_splits
 
 WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "rain", "snow"]

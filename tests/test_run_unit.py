@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from svdecode_pl.cli.entry import main, run_cli
 from svdecode_pl.cli.run_directory import check_checkpoint, check_evaluation_target, check_fit_target
-from svdecode_pl.evaluation.generation_settings import GenerationSettings
+from svdecode_pl.decoding.settings import GenerationSettings
 from svdecode_pl.evaluation.settings import EvaluationSettings
 from svdecode_pl.recipes.callbacks.prediction_writer import evaluation_signature
 from svdecode_pl.recipes.module import SVDecodeModule
@@ -189,14 +189,16 @@ def test_callback_refuses_the_vector_of_another_adapter(tmp_path):
     mine, theirs = fake_adapter(tmp_path / "a" / "adapter", 1.0), fake_adapter(tmp_path / "b" / "adapter", 2.0)
     record = RunProvenance(adapter_content_hash(theirs), str(theirs), "m", "t", 0).as_dict()
     SteeringVector(torch.ones(4), 1.0, metadata={"provenance": record}).save(tmp_path / "run" / "steering")
-    host = SimpleNamespace(vocab_size=4, metadata={"tokenizer_fingerprint": None}, evaluation=EvaluationSettings())
+    attached = []
+    host = SimpleNamespace(vocab_size=4, metadata={"tokenizer_fingerprint": None}, evaluation=EvaluationSettings(),
+                           attach_steering=lambda vector, curves, extra: attached.append(vector))
     module = SimpleNamespace(hparams=SimpleNamespace(adapter_path=str(mine)), steering_host=lambda: host)
     trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"), ckpt_path=None)
     with pytest.raises(SteeringArtifactError, match=f"fitted with the adapter {theirs}"):
         SteeringVectorCallback()._attach(trainer, module)
     module.hparams.adapter_path = str(theirs)
     SteeringVectorCallback()._attach(trainer, module)
-    assert host.evaluation.steering.vector is not None
+    assert len(attached) == 1 and attached[0].metadata["provenance"] == record
 
 
 def test_the_adapters_own_vector_comes_first(tmp_path):
@@ -213,8 +215,7 @@ def test_resume_signature_covers_strength_mode_and_decoding():
     base = SteeringVector(torch.ones(4), 1.0)
 
     def signature(vector=base, generation=None, curves=None):
-        settings = EvaluationSettings(generation=generation)
-        settings.use_steering(vector, curves)
+        settings = EvaluationSettings(generation=generation).with_steering(vector, curves)
         return json.dumps(evaluation_signature(settings), sort_keys=True, default=repr)
 
     same = signature()

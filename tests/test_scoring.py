@@ -6,12 +6,13 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-from svdecode_pl.evaluation import packing, scoring
-from svdecode_pl.evaluation.device_defaults import PACKING_TOLERANCE
-from svdecode_pl.evaluation.scoring import score_continuations
 from svdecode_pl.models import heads
+from svdecode_pl.models.device_defaults import PACKING_TOLERANCE
 from svdecode_pl.models.heads import hf_model, output_vocab_size, target_hidden_states
 from svdecode_pl.models.loading import load_causal_lm, load_tokenizer
+from svdecode_pl.scoring import loglik as scoring
+from svdecode_pl.scoring import packing
+from svdecode_pl.scoring.loglik import score_continuations
 from svdecode_pl.steering.vector import SteeringVector, steering_direction
 
 ADAPTERS = {

@@ -12,7 +12,8 @@ from PIL import Image
 
 from svdecode_pl.cli.entry import run_cli
 from svdecode_pl.cli.sweep import load_spec
-from svdecode_pl.results.report import DPI, FIGSIZE, METHOD_NAMES
+from svdecode_pl.models.peft_methods import method_name
+from svdecode_pl.results.report import DPI, FIGSIZE
 from svdecode_pl.utils.errors import DataFormatError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def test_sweep_then_report(tmp_path, capsys):
         assert steered[0] == "+ SVDecode"
         name = plain[0].split("[")[1].rstrip("]")
         run = results[name]
-        assert plain[0].startswith(f"svdecode-tiny / {METHOD_NAMES[run['model']['peft']]}")
+        assert plain[0].startswith(f"svdecode-tiny / {method_name(run['model']['peft'])}")
         for column, metric in zip(plain[1:4], ("mc1", "mc2", "mc3")):
             assert float(column) == pytest.approx(100 * run["metrics"][metric]["plain"], abs=1e-4)
         for column, metric in zip(steered[1:4], ("mc1", "mc2", "mc3")):

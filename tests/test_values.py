@@ -120,7 +120,7 @@ def test_steering_vector_refuses_what_its_loader_would(tmp_path):
 
 
 def test_load_steered_refuses_nan_before_loading_anything(tmp_path):
-    from svdecode_pl.steering.artifact import load_steered
+    from svdecode_pl.integrations.artifact import load_steered
 
     with pytest.raises(OptionError, match="load_steered: mu nan"):
         load_steered(tmp_path / "no_such_artifact", mu=NAN)  # refused before the (missing) model is touched

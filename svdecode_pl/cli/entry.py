@@ -24,17 +24,17 @@ def run_cli(args: list[str] | None = None) -> SVDecodeCLI:
 
         return sweep_main(argv[1:])
     if argv[:1] == ["report"]:
-        from svdecode_pl.results.report import main as report_main
+        from svdecode_pl.cli.report import main as report_main
 
         return report_main(argv[1:])
     if argv[:1] == ["lm-eval"]:
         return lm_eval_main(argv[1:])
     if argv[:1] == ["logit-bias"]:
-        from svdecode_pl.steering.logit_bias import main as logit_bias_main
+        from svdecode_pl.cli.logit_bias import main as logit_bias_main
 
         return logit_bias_main(argv[1:])
     if argv[:1] == ["push"]:
-        from svdecode_pl.steering.artifact import main as push_main
+        from svdecode_pl.cli.push import main as push_main
 
         return push_main(argv[1:])
     from svdecode_pl.cli.checks import check_config_files
@@ -49,7 +49,7 @@ def lm_eval_main(args: list[str]) -> None:
     """``svdecode lm-eval``: lm-eval's own ``run`` command with the steered model class registered;
     lm-eval is an optional extra, so its absence is one line, not a traceback."""
     try:
-        from svdecode_pl.evaluation.lm_eval_backend import cli_main
+        from svdecode_pl.cli.lm_eval import main as cli_main
     except ModuleNotFoundError as error:
         if error.name is None or error.name.split(".")[0] != "lm_eval":
             raise

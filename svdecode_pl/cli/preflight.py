@@ -2,7 +2,7 @@
 every path the user names can be used, and the options combine into something that can run.
 Without this, a run directory that is a file ends in a traceback, and a combination that cannot
 run (sampling at temperature 0) fails only once the classes are built. Dynamic steering with beam
-search is no such combination: the dynamic loop runs beam search (issue 20, item 3)."""
+search is no such combination: the dynamic loop runs beam search."""
 
 from __future__ import annotations
 

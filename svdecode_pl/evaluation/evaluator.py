@@ -1,9 +1,9 @@
 """Evaluating items, plain and steered: choice items are scored, generation items decoded.
 
-Plain torch (see :mod:`svdecode_pl.evaluation.scoring`): this runs without Lightning too::
+Plain torch (see :mod:`svdecode_pl.scoring.loglik`): this runs without Lightning too::
 
     >>> settings = EvaluationSettings(generation=datamodule.generation_settings())  # doctest: +SKIP
-    >>> settings.use_steering(SteeringVector.load("runs/quickstart/steering"))     # doctest: +SKIP
+    >>> settings = settings.with_steering(SteeringVector.load("runs/quickstart/steering"))  # doctest: +SKIP
     >>> evaluator = Evaluator(model, tokenizer, settings)                          # doctest: +SKIP
     >>> records = evaluator.evaluate(datamodule.eval_items("test"))      # doctest: +SKIP
 """
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdecode_pl.evaluation.generation import GenerationSettings, generate_texts, generate_token_ids
+from svdecode_pl.decoding.generation import GenerationSettings, generate_texts, generate_token_ids
 from svdecode_pl.evaluation.items import (
     VARIANTS,
     ChoiceItem,
@@ -28,9 +28,9 @@ from svdecode_pl.evaluation.items import (
     generation_record,
 )
 from svdecode_pl.evaluation.judges import JudgePanel
-from svdecode_pl.evaluation.scoring import score_many
-from svdecode_pl.evaluation.scoring_job import PrefixCache
 from svdecode_pl.evaluation.settings import EvaluationSettings, ScoringSettings
+from svdecode_pl.scoring.job import PrefixCache
+from svdecode_pl.scoring.loglik import score_many
 from svdecode_pl.steering.strength import Candidate
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.allocator import release_freed_memory
@@ -135,7 +135,6 @@ def score_items(
     pad_id: int = 0, prefix: PrefixCache | None = None, tokenizer: Any = None, max_batch_tokens: int = 0,
 ) -> list[Record]:
     """Records of ``items`` (shorthand for :meth:`Evaluator.evaluate`)."""
-    settings = EvaluationSettings(ScoringSettings(chunk_tokens, max_batch_tokens))
-    settings.use_steering(steering)
+    settings = EvaluationSettings(ScoringSettings(chunk_tokens, max_batch_tokens)).with_steering(steering)
     evaluator = Evaluator(model, tokenizer, settings, prefix if prefix is not None else PrefixCache(), pad_id)
     return evaluator.evaluate(items)

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from svdecode_pl.evaluation.encoding import encode_pairs
 from svdecode_pl.evaluation.items import GenerationRecord
-from svdecode_pl.evaluation.scoring import score_many
 from svdecode_pl.metrics.per_question import PerQuestionScores
 from svdecode_pl.models.loading import DType, load_causal_lm, load_tokenizer
+from svdecode_pl.scoring.encoding import encode_pairs
+from svdecode_pl.scoring.loglik import score_many
 
 TRUTH_SUFFIX = "True:"
 INFO_SUFFIX = "Helpful:"

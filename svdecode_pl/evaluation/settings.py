@@ -3,21 +3,23 @@ callback and the :class:`~svdecode_pl.evaluation.evaluator.Evaluator` read.
 
 - scoring (the module's ``chunk_tokens`` and ``score_batch_tokens``);
 - decoding and judging (the task's: its data module's ``generation_settings()``/``judge_settings()``);
-- steering (the vector, its strength curves and candidates, attached by the steering callback through
-  :meth:`EvaluationSettings.use_steering`).
+- steering (the vector, its strength curves and candidates: :meth:`EvaluationSettings.with_steering`).
+
+Frozen values: a change is a new object (``dataclasses.replace``), so an evaluator keeps the settings it
+was built with and no two owners write one object.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from svdecode_pl.evaluation.generation_settings import GenerationSettings
+from svdecode_pl.decoding.settings import GenerationSettings
 from svdecode_pl.evaluation.judges import JudgeSettings
 from svdecode_pl.steering.strength import Candidate
 from svdecode_pl.steering.vector import SteeringVector
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScoringSettings:
     """How log-likelihood scoring runs."""
 
@@ -29,7 +31,7 @@ class ScoringSettings:
     length-sorted questions batched with padding up to N tokens (for GPUs)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SteeringSettings:
     """The steering an evaluation applies (none: plain only)."""
 
@@ -56,7 +58,7 @@ class SteeringSettings:
         return grid.index(candidate) if candidate in grid else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluationSettings:
     """Everything an evaluation is configured by, in one place."""
 
@@ -67,10 +69,10 @@ class EvaluationSettings:
     """Judges that score generated answers (None: none)."""
     steering: SteeringSettings = field(default_factory=SteeringSettings)
 
-    def use_steering(
+    def with_steering(
         self, vector: SteeringVector | None, curves: dict[str, list[float]] | None = None,
         extra: list[Candidate] | None = None,
-    ) -> None:
-        """Attach (or, with None, remove) the steering vector, its strength curves (mode -> strengths)
-        and further candidates to score beside it."""
-        self.steering = SteeringSettings(vector, dict(curves or {}), list(extra or []))
+    ) -> EvaluationSettings:
+        """These settings steering with ``vector`` (None: plain only), its strength curves (mode ->
+        strengths) and further candidates to score beside it."""
+        return replace(self, steering=SteeringSettings(vector, dict(curves or {}), list(extra or [])))

@@ -10,7 +10,7 @@ processes). The pipeline reduces through it; :class:`PerQuestionScores` and its 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 from torchmetrics import Metric
@@ -28,13 +28,14 @@ def first_per_id(ids: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tenso
 
 
 class QuestionTable(Metric):
-    """Per-question metric values, one row per question and one column per (metric, variant), with
+    """Per-question metric values, one row per question and one column per key (the test loop's:
+    :class:`svdecode_pl.evaluation.columns.Column`, a metric plain, steered or at a candidate), with
     the question's group (e.g. its TruthfulQA category); synchronised across processes as one state
     and de-duplicated by question id. Missing values (a metric an item does not feed) are NaN."""
 
     full_state_update = False
 
-    def __init__(self, columns: Sequence[str], groups: Sequence[str] | None = None) -> None:
+    def __init__(self, columns: Sequence[Hashable], groups: Sequence[str] | None = None) -> None:
         super().__init__()
         self.columns = list(columns)
         self.groups = list(groups or [])
@@ -50,7 +51,7 @@ class QuestionTable(Metric):
             raise ValueError(f"group {group!r} is not among the declared groups")
         return self.groups.index(group)
 
-    def update(self, uid: int, group: str | None, row: dict[str, float]) -> None:
+    def update(self, uid: int, group: str | None, row: dict[Hashable, float]) -> None:
         """One question's values by column name."""
         values = torch.tensor([[row.get(c, float("nan")) for c in self.columns]], dtype=torch.float64)
         self.update_rows(torch.tensor([uid]), values, [group])

@@ -12,29 +12,12 @@ import torch
 from torch import nn
 
 from svdecode_pl.models.loading import resolve_name_or_path
+from svdecode_pl.models.peft_methods import peft_method, reinitialise_adapter
 from svdecode_pl.models.zero import gathered, zero3_enabled
 from svdecode_pl.utils.errors import AdapterError, CheckpointError, one_line
 from svdecode_pl.utils.files import atomic_directory
 
 _CONFIG_FILE = "adapter_config.json"
-#: PEFT methods (PEFT's ``peft_type``) the project runs end to end: initialised from the run's seed,
-#: warm-started, switched off for the base logits, saved and loaded under every strategy
-#: (the README's four: LoRA, IA3, Prompt Tuning, P-Tuning v2 = prefix tuning)
-SUPPORTED_PEFT_TYPES = {"LORA": "peft.LoraConfig", "IA3": "peft.IA3Config", "PROMPT_TUNING": "peft.PromptTuningConfig",
-                        "PREFIX_TUNING": "peft.PrefixTuningConfig"}
-
-
-def check_peft_method(config: Any, source: str = "--model.peft") -> None:
-    """Refuse a PEFT method the project does not support (``config``: a PeftConfig, or the
-    ``peft_type`` an adapter_config.json records), in one line that lists the supported ones."""
-    if config is None:
-        return
-    peft_type = config if isinstance(config, str) else getattr(config, "peft_type", None)
-    peft_type = str(getattr(peft_type, "value", peft_type))
-    if peft_type not in SUPPORTED_PEFT_TYPES:
-        name = "" if isinstance(config, str) else f" {type(config).__module__.split('.')[0]}.{type(config).__name__}:"
-        raise AdapterError(f"{source}{name} PEFT method {peft_type!r} is not supported "
-                           f"(supported: {', '.join(SUPPORTED_PEFT_TYPES.values())})")
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -68,7 +51,7 @@ def check_adapter(path: str | Path, name_or_path: str) -> dict[str, Any]:
         raise AdapterError(f"{config_file}: not valid JSON ({err})") from None
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise AdapterError(f"{config_file}: field 'peft_type': missing (not a PEFT adapter config)")
-    check_peft_method(config["peft_type"], f"{config_file}: field 'peft_type':")
+    peft_method(config["peft_type"], f"{config_file}: field 'peft_type':")
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         raise AdapterError(f"{path}: not a PEFT adapter (no {' or '.join(_WEIGHT_FILES)})")
     recorded = config.get("base_model_name_or_path")
@@ -141,17 +124,7 @@ def initialize_adapter(model: nn.Module, seed: int, trainer: Any = None) -> None
             return
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for module in model.modules():
-                if hasattr(module, "reset_lora_parameters") and hasattr(module, "lora_A"):
-                    for name in module.lora_A:
-                        module.reset_lora_parameters(name, model.peft_config[name].init_lora_weights)
-                elif hasattr(module, "reset_ia3_parameters") and hasattr(module, "ia3_l"):
-                    for name in module.ia3_l:
-                        module.reset_ia3_parameters(name)
-                elif isinstance(module, nn.Embedding) and module.weight.requires_grad:
-                    config = next(iter(model.peft_config.values()))
-                    if str(getattr(config, "prompt_tuning_init", "RANDOM")).upper().endswith("RANDOM"):
-                        module.reset_parameters()  # prompt / prefix embeddings (random init only)
+            reinitialise_adapter(model)
 
 
 def load_adapter(model: nn.Module, adapter_path: str, trainer: Any) -> nn.Module:
@@ -161,7 +134,7 @@ def load_adapter(model: nn.Module, adapter_path: str, trainer: Any) -> nn.Module
     config = PeftConfig.from_pretrained(adapter_path)
     if not zero3_enabled(trainer):
         # PEFT loads prompt-learning adapters frozen only; they are used for scoring then.
-        return PeftModel.from_pretrained(model, adapter_path, is_trainable=not config.is_prompt_learning)
+        return PeftModel.from_pretrained(model, adapter_path, is_trainable=not peft_method(config).virtual_tokens)
     from safetensors.torch import load_file
 
     config.inference_mode = False

@@ -1,6 +1,6 @@
 """The family of pre-trained miniatures: the testbeds a steering default is chosen and checked on.
 
-A default chosen on one miniature need not carry over to another (issue 26). So the family has
+A default chosen on one miniature need not carry over to another. So the family has
 three members that differ in domain and vocabulary (their worlds, ``svdecode_pl.corpus.worlds``),
 in how strongly misconceptions dominate their pre-training text, and in size. All are built by one
 code path (:mod:`svdecode_pl.models.miniature`: deterministic, recipe-hashed, cached), each judged

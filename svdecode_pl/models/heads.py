@@ -60,13 +60,6 @@ def target_hidden_states(
     return hidden[:, :-1][predict], input_ids[:, 1:][predict], head
 
 
-def is_prompt_learning(model: nn.Module) -> bool:
-    """Prompt Tuning, P-Tuning, Prefix Tuning: the adapter adds virtual tokens in front of the input."""
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning
-
-
 def is_peft_model(model: nn.Module) -> bool:
     from peft import PeftModel
 

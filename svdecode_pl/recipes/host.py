@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from svdecode_pl.evaluation.settings import EvaluationSettings
+from svdecode_pl.steering.strength import Candidate
+from svdecode_pl.steering.vector import SteeringVector
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,13 @@ class SteeringHost:
     """The device the model trained on; extraction, estimates and their metric states run here."""
     tokenizer: Any
     evaluation: EvaluationSettings
-    """The module's one evaluation-settings object (scoring options, the attached steering)."""
+    """The module's evaluation settings when the record was taken (scoring options, the attached steering)."""
     metadata: dict[str, Any]
     """What a steering vector records of the model it was extracted from (name, adapter type, vocabulary
     size, tokenizer fingerprint)."""
+    attach_steering: Callable[[SteeringVector | None, dict[str, list[float]], list[Candidate]], None]
+    """Has the module replace its evaluation settings by ones steering with this vector, its strength
+    curves (mode -> strengths) and further candidates (the module is their one owner)."""
     save_adapter: Callable[[str | Path], None]
     """Writes the adapter in PEFT's format into a directory: every process calls it (collective under
     ZeRO-3), the first one writes."""

@@ -14,20 +14,21 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from peft import PeftConfig
 from torch import nn
 
-from svdecode_pl.evaluation.device_defaults import EvaluationDefaults, choose_evaluation_defaults, free_memory_of
+from svdecode_pl.evaluation.columns import record_row, table_columns
 from svdecode_pl.evaluation.evaluator import Evaluator
-from svdecode_pl.evaluation.items import VARIANTS, Record
+from svdecode_pl.evaluation.items import Record
 from svdecode_pl.evaluation.settings import EvaluationSettings, ScoringSettings
 from svdecode_pl.metrics.per_question import QuestionTable
 from svdecode_pl.models.adapters import (
     check_checkpoint_weights,
-    check_peft_method,
     initialize_adapter,
     load_checked_adapter,
     save_adapter,
 )
+from svdecode_pl.models.device_defaults import EvaluationDefaults, choose_evaluation_defaults, free_memory_of
 from svdecode_pl.models.heads import hf_model, output_vocab_size, target_hidden_states
 from svdecode_pl.models.loading import DType, load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from svdecode_pl.models.peft_methods import peft_method
 from svdecode_pl.models.zero import hf_zero3_loading
 from svdecode_pl.recipes.host import SteeringHost
 from svdecode_pl.recipes.optimizer import OptimizerName, build_optimizer
@@ -40,6 +41,7 @@ from svdecode_pl.results.payload import (
     test_difference,
     write_results,
 )
+from svdecode_pl.steering.strength import Candidate
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.errors import OptionError
 from svdecode_pl.utils.seeding import run_seed
@@ -87,7 +89,7 @@ class SVDecodeModule(LightningModule):
             chunk_tokens: Positions whose logits are materialised at once (memory bound at
                 large vocabularies).
             score_batch_tokens: None (default): chosen from the device (CPU 0, CUDA sized from free
-                memory; see :func:`~svdecode_pl.evaluation.device_defaults.choose_evaluation_defaults`,
+                memory; see :func:`~svdecode_pl.models.device_defaults.choose_evaluation_defaults`,
                 printed once and recorded in results.json). 0: the questions of a loader batch packed
                 one after the other into long rows, each attending only to itself and the cached primer, so a question's
                 scores do not depend on which questions share a pass and 1 and N processes agree bit
@@ -106,14 +108,14 @@ class SVDecodeModule(LightningModule):
         check_values("--model.", {"learning_rate": learning_rate, "weight_decay": weight_decay,
                                   "chunk_tokens": chunk_tokens, "score_batch_tokens": score_batch_tokens},
                      MODULE_RULES)
-        check_peft_method(peft)
+        peft_method(peft)  # a method the project does not support: one line, before any work
         self.save_hyperparameters(ignore=["peft"])
         # the adapter config is recorded by LightningCLI's config.yaml and PEFT's adapter_config.json
         self.peft_config = peft
         self.model: nn.Module | None = None
         self.tokenizer = None
-        #: The one owner of the evaluation settings: scoring from these hyper-parameters, decoding and
-        #: judges from the task at test/predict start, steering attached by the steering callback.
+        #: The one owner of the evaluation settings, a value replaced (never written in place): scoring here,
+        #: the task's decoding and judges at test/predict start, steering by the callback (attach_steering).
         self.evaluation = EvaluationSettings(ScoringSettings(chunk_tokens, score_batch_tokens or 0))
         self.evaluation_defaults: EvaluationDefaults | None = None  # the device's choice, once
         self.strict_loading = False  # checkpoints hold only the trainable (adapter) weights
@@ -152,7 +154,7 @@ class SVDecodeModule(LightningModule):
 
     @steering_vector.setter
     def steering_vector(self, vector: SteeringVector | None) -> None:
-        self.evaluation.use_steering(vector, self.evaluation.steering.curves, self.evaluation.steering.extra)
+        self.attach_steering(vector, self.evaluation.steering.curves, self.evaluation.steering.extra)
 
     @property
     def vocab_size(self) -> int:
@@ -187,7 +189,12 @@ class SVDecodeModule(LightningModule):
         writes the run's adapter and vector through it, once (``<root>/adapter``)."""
         self._choose_defaults()
         return SteeringHost(self.model, self.vocab_size, self.device, self.tokenizer, self.evaluation,
-                            self.steering_metadata(), self.save_adapter)
+                            self.steering_metadata(), self.attach_steering, self.save_adapter)
+
+    def attach_steering(self, vector: SteeringVector | None, curves: dict[str, list[float]] | None = None,
+                        extra: list[Candidate] | None = None) -> None:
+        """Evaluate steered by ``vector`` from now on (None: plain only): new settings replace the old."""
+        self.evaluation = self.evaluation.with_steering(vector, curves, extra)
 
     # -- warm-start -----------------------------------------------------------------------
 
@@ -250,14 +257,15 @@ class SVDecodeModule(LightningModule):
         chosen = choose_evaluation_defaults(str(self.device), free_memory_of(self.device), config, dtype_bytes)
         # the attention actually in use (the user's, or transformers' default at load)
         self.evaluation_defaults = replace(chosen, attn_implementation=str(config._attn_implementation))
-        self.evaluation.scoring.score_batch_tokens = self.evaluation_defaults.score_batch_tokens
+        scoring = replace(self.evaluation.scoring, score_batch_tokens=self.evaluation_defaults.score_batch_tokens)
+        self.evaluation = replace(self.evaluation, scoring=scoring)
         rank_zero_info(self.evaluation_defaults.describe())
 
     def _start_evaluation(self) -> None:
         self._choose_defaults()
         datamodule = self.datamodule
-        self.evaluation.generation = datamodule.generation_settings()
-        self.evaluation.judges = datamodule.judge_settings()
+        self.evaluation = replace(self.evaluation, generation=datamodule.generation_settings(),
+                                  judges=datamodule.judge_settings())
         self._evaluator = Evaluator(self.model, self.tokenizer, self.evaluation)
 
     def evaluate(self, batch: list) -> list[Record]:
@@ -269,19 +277,12 @@ class SVDecodeModule(LightningModule):
 
     def on_test_start(self) -> None:
         self._start_evaluation()
-        columns = [f"{name}/{variant}" for name in self.datamodule.metric_names for variant in VARIANTS]
-        grid = self.evaluation.steering.grid
-        if grid:
-            columns += [f"{name}/c{i}" for name in self.datamodule.metric_names for i in range(len(grid))]
+        columns = table_columns(self.datamodule.metric_names, len(self.evaluation.steering.grid or []))
         self.eval_table = QuestionTable(columns, self.datamodule.eval_groups("test")).to(self.device)
 
     def test_step(self, batch: list, batch_idx: int) -> None:
         for record in self.evaluate(batch):
-            row = {f"{name}/{variant}": value for variant, values in record.metrics.items()
-                   for name, value in (values or {}).items()}
-            for index, values in enumerate(record.grid_metrics or []):
-                row.update({f"{name}/c{index}": value for name, value in values.items()})
-            self.eval_table.update(record.uid, record.group, row)
+            self.eval_table.update(record.uid, record.group, record_row(record))
 
     def on_test_epoch_end(self) -> None:
         datamodule = self.datamodule

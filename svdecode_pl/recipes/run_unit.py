@@ -9,8 +9,8 @@ from pathlib import Path
 
 from lightning.pytorch import LightningModule, Trainer
 
+from svdecode_pl.integrations.artifact import STEERING_DIR
 from svdecode_pl.recipes.host import SteeringHost
-from svdecode_pl.steering.artifact import STEERING_DIR
 from svdecode_pl.steering.provenance import RunProvenance, adapter_content_hash
 
 

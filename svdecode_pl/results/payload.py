@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from svdecode_pl.evaluation.columns import Column
 from svdecode_pl.evaluation.items import VARIANTS
 from svdecode_pl.evaluation.settings import SteeringSettings
 from svdecode_pl.metrics.bootstrap import paired_bootstrap
@@ -15,7 +16,7 @@ from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.files import atomic_write_text, json_text
 
 
-def _column_means(columns: list[str], rows: torch.Tensor) -> dict[str, float | None]:
+def _column_means(columns: list[Column], rows: torch.Tensor) -> dict[Column, float | None]:
     """Mean of each column over the rows where it has a value (None: no value)."""
     means = {}
     for index, column in enumerate(columns):
@@ -26,28 +27,28 @@ def _column_means(columns: list[str], rows: torch.Tensor) -> dict[str, float | N
 
 
 def table_metrics(
-    names: list[str], columns: list[str], group_names: list[str], groups: torch.Tensor, values: torch.Tensor
+    names: list[str], columns: list[Column], group_names: list[str], groups: torch.Tensor, values: torch.Tensor
 ) -> tuple[dict[str, dict[str, float | None]], dict[str, dict[str, dict[str, float | None]]]]:
-    """Means of a :class:`~svdecode_pl.metrics.per_question.QuestionTable` (columns ``<metric>/<variant>``) over
+    """Means of a :class:`~svdecode_pl.metrics.per_question.QuestionTable` (:class:`Column` s) over
     all questions and per group: ``{metric: {variant: mean}}`` and ``{group: {metric: {...}}}``.
     A mean over no value (no steering vector, a metric no item fed) is None."""
 
     def by_metric(rows: torch.Tensor) -> dict[str, dict[str, float | None]]:
         means = _column_means(columns, rows)
-        return {name: {variant: means.get(f"{name}/{variant}") for variant in VARIANTS} for name in names}
+        return {name: {variant: means.get(Column(name, variant=variant)) for variant in VARIANTS} for name in names}
 
     per_group = {name: by_metric(values[groups == g]) for g, name in enumerate(group_names) if (groups == g).any()}
     return by_metric(values), per_group
 
 
-def candidate_metrics(names: list[str], means: dict[str, float | None], settings: SteeringSettings,
+def candidate_metrics(names: list[str], means: dict[Column, float | None], settings: SteeringSettings,
                       candidate: Candidate) -> dict[str, float | None] | None:
-    """The test metrics at ``candidate`` (columns ``<metric>/c<i>``); None when it was not scored."""
+    """The test metrics at ``candidate`` (its grid column); None when it was not scored."""
     column = settings.column(candidate)
-    return None if column is None else {m: means.get(f"{m}/c{column}") for m in names}
+    return None if column is None else {m: means.get(Column(m, candidate=column)) for m in names}
 
 
-def test_curves(names: list[str], columns: list[str], values: torch.Tensor,
+def test_curves(names: list[str], columns: list[Column], values: torch.Tensor,
                 settings: SteeringSettings) -> dict[str, dict[str, Any]]:
     """Each mode's test metrics along its grid strengths: ``{mode: {"mu": [...], "metrics": {m: [...]}}}``."""
     means = _column_means(columns, values)
@@ -59,7 +60,7 @@ def test_curves(names: list[str], columns: list[str], values: torch.Tensor,
     return curves
 
 
-def estimate_metrics(names: list[str], columns: list[str], values: torch.Tensor,
+def estimate_metrics(names: list[str], columns: list[Column], values: torch.Tensor,
                      settings: SteeringSettings) -> dict[str, dict[str, dict[str, Any]]]:
     """Every mode's estimates with the test metrics at each: ``{mode: {name: {"mu", "metrics"}}}``
     (metrics null where not scored: no value, or a mode the vector cannot steer in)."""
@@ -78,13 +79,15 @@ def estimate_metrics(names: list[str], columns: list[str], values: torch.Tensor,
     return out
 
 
-def test_difference(names: list[str], columns: list[str], values: torch.Tensor) -> dict[str, dict[str, float] | None]:
+def test_difference(names: list[str], columns: list[Column],
+                    values: torch.Tensor) -> dict[str, dict[str, float] | None]:
     """steered - plain on test per metric, with its paired bootstrap interval over questions."""
     out = {}
     for name in names:
-        if f"{name}/steered" not in columns:
+        steered, plain = Column(name, variant="steered"), Column(name, variant="plain")
+        if steered not in columns:
             continue
-        difference = values[:, columns.index(f"{name}/steered")] - values[:, columns.index(f"{name}/plain")]
+        difference = values[:, columns.index(steered)] - values[:, columns.index(plain)]
         interval = paired_bootstrap(difference)
         out[name] = None if interval is None else interval.to_dict()
     return out

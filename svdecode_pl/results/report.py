@@ -14,7 +14,6 @@ Writes ``RUNS_DIR/report/``:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from collections import defaultdict
@@ -22,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from svdecode_pl.models.peft_methods import method_name
 from svdecode_pl.utils.errors import DataFormatError
 
-METHOD_NAMES = {"LoraConfig": "LoRA", "IA3Config": "IA3", "PromptTuningConfig": "Prompt Tuning",
-                "PrefixTuningConfig": "P-Tuning v2", None: "none"}
 #: (column header, task, metric) of each table family, in the paper's order
 MC_COLUMNS = [("MC1", "truthfulqa_mc", "mc1"), ("MC2", "truthfulqa_mc", "mc2"), ("MC3", "truthfulqa_mc", "mc3")]
 JUDGE_COLUMNS = [("%Truth", "truthfulqa_gen", "truth"), ("%Info", "truthfulqa_gen", "info"),
@@ -57,7 +55,7 @@ class Run:
 
     @property
     def method(self) -> str:
-        return METHOD_NAMES.get((self.results.get("model") or {}).get("peft"), "?")
+        return method_name((self.results.get("model") or {}).get("peft"))
 
     def metric(self, name: str, variant: str) -> float | None:
         return (self.results["metrics"].get(name) or {}).get(variant)
@@ -339,13 +337,3 @@ def report(runs_dir: str | Path) -> list[Path]:
     if steps is not None:
         written.append(steps)
     return written
-
-
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="svdecode report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs_dir", help="a directory with results.json files below it")
-    args = parser.parse_args(argv)
-    written = report(args.runs_dir)
-    for table in sorted(p for p in written if p.suffix == ".md"):
-        print(table.read_text())
-    print(f"report: {len(written)} files in {Path(args.runs_dir) / 'report'}")

@@ -11,7 +11,7 @@ check ends there) and are left as they are.
 
 Dynamic steering needs the pre-trained model's logits of each step: pass ``base_model`` (for a
 PeftModel, the processor runs the same model with the adapter disabled, keeping its own cache).
-:func:`svdecode_pl.evaluation.generation.generate_texts` runs dynamic steering in its own two-cache loop instead.
+:func:`svdecode_pl.decoding.generation.generate_texts` runs dynamic steering in its own two-cache loop instead.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The rules of every steering value, the same wherever it enters: the steering callback's options
 (CLI and config file), :class:`~svdecode_pl.steering.vector.SteeringVector` and its artifact
-loader, :func:`~svdecode_pl.steering.artifact.load_steered`, lm-eval's ``model_args`` and
+loader, :func:`~svdecode_pl.integrations.artifact.load_steered`, lm-eval's ``model_args`` and
 ``svdecode logit-bias``."""
 
 from __future__ import annotations

@@ -243,8 +243,13 @@ class SteeringVector:
         return ("static", "dynamic") if self.direction is not None else ("dynamic",)
 
     def with_mu(self, mu: float) -> SteeringVector:
-        """The same direction at another strength."""
+        """The same direction at another strength (a new vector: this one is unchanged)."""
         return SteeringVector(self.direction, mu, self.mode, self.confidence_threshold, self.metadata, self.choice)
+
+    def with_metadata(self, **entries: Any) -> SteeringVector:
+        """The same vector recording ``entries`` besides its metadata (a new vector: this one is unchanged)."""
+        return SteeringVector(self.direction, self.mu, self.mode, self.confidence_threshold,
+                              {**self.metadata, **entries}, self.choice)
 
     def at(self, candidate: Candidate) -> SteeringVector:
         """The same vector in ``candidate``'s mode and at its strength."""
@@ -253,9 +258,9 @@ class SteeringVector:
 
     def chosen(self, choice: StrengthChoice) -> SteeringVector:
         """The vector steering at what ``choice`` says, carrying the record."""
-        vector = self.at(choice.candidate)
-        vector.choice = choice
-        return vector
+        candidate = choice.candidate
+        return SteeringVector(self.direction, candidate.mu, candidate.mode, self.confidence_threshold, self.metadata,
+                              choice)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "mode": self.mode, "mu": self.mu,

@@ -1,5 +1,5 @@
-"""Stage 6, tasks: one Lightning data module per file, each with its own item type; the registry below
-names them for the CLI. May import stages 0-5.
+"""Stage 9, tasks: one Lightning data module per file, each with its own item type; the registry below
+names them for the CLI. May import stages 0-8.
 
 A new task is one file: a :class:`~svdecode_pl.tasks.base.TaskDataModule` subclass and its item
 type (an :class:`~svdecode_pl.evaluation.items.EvalItem` subclass that grades itself and annotates

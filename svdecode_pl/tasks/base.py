@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 
-from svdecode_pl.evaluation.generation_settings import GenerationSettings
+from svdecode_pl.decoding.settings import GenerationSettings
 from svdecode_pl.evaluation.items import ChoiceItem, EvalItem
 from svdecode_pl.evaluation.judges import JudgeSettings
 from svdecode_pl.models.loading import load_tokenizer, resolve_name_or_path

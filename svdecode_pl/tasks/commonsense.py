@@ -24,10 +24,10 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from svdecode_pl.evaluation.encoding import encode_prompt_target
-from svdecode_pl.evaluation.generation_settings import GenerationSettings
+from svdecode_pl.decoding.settings import GenerationSettings
 from svdecode_pl.evaluation.items import ChoiceItem, EvalItem, GenerationItem
 from svdecode_pl.metrics.choice import accuracy_score
+from svdecode_pl.scoring.encoding import encode_prompt_target
 from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule, check_task_values
 from svdecode_pl.tasks.commonsense_answers import (
     ALL_LABELS,

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from svdecode_pl.evaluation.encoding import encode_prompt_target
-from svdecode_pl.evaluation.generation_settings import GenerationSettings
+from svdecode_pl.decoding.settings import GenerationSettings
 from svdecode_pl.evaluation.items import GenerationItem
+from svdecode_pl.scoring.encoding import encode_prompt_target
 from svdecode_pl.tasks.base import LMExample, Split, TaskDataModule, check_task_values, seeded_splits
 from svdecode_pl.tasks.readers import read_json_rows
 from svdecode_pl.utils.errors import DataFormatError

@@ -17,11 +17,11 @@ from svdecode_pl.corpus.primer import QA_PRIMER, truthfulqa_gen_prompt
 from svdecode_pl.corpus.questions import MCQuestion
 from svdecode_pl.corpus.synthetic import synthetic_questions, synthetic_source
 from svdecode_pl.corpus.worlds import DEFAULT_WORLD, world_named
-from svdecode_pl.evaluation.encoding import encode_prompt_target
-from svdecode_pl.evaluation.generation_settings import GenerationSettings
+from svdecode_pl.decoding.settings import GenerationSettings
 from svdecode_pl.evaluation.items import EvalItem, GenerationItem
 from svdecode_pl.evaluation.judges import JudgeSettings
 from svdecode_pl.metrics.text import TRUTHFULQA_GEN_KEYS, split_answer_cell, truthfulqa_gen_references
+from svdecode_pl.scoring.encoding import encode_prompt_target
 from svdecode_pl.steering.strength import SelectionMetric
 from svdecode_pl.tasks.base import (
     LMExample,

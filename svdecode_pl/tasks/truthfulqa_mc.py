@@ -10,9 +10,9 @@ from svdecode_pl.corpus.primer import QA_PRIMER, mc_prompt
 from svdecode_pl.corpus.questions import MCQuestion
 from svdecode_pl.corpus.synthetic import synthetic_questions, synthetic_source
 from svdecode_pl.corpus.worlds import DEFAULT_WORLD, world_named
-from svdecode_pl.evaluation.encoding import encode_pair, encode_pairs
 from svdecode_pl.evaluation.items import ChoiceItem
 from svdecode_pl.metrics.choice import mc1_score, mc2_score, mc3_score
+from svdecode_pl.scoring.encoding import encode_pair, encode_pairs
 from svdecode_pl.steering.strength import SelectionMetric
 from svdecode_pl.tasks.base import (
     LMExample,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
+from svdecode_pl.evaluation.columns import Column, record_row, row_values
 from svdecode_pl.evaluation.evaluator import Evaluator
 from svdecode_pl.evaluation.settings import EvaluationSettings
 from svdecode_pl.models.zero import full_output_head
@@ -68,15 +69,17 @@ def validation_scores(
     settings = EvaluationSettings(pl_module.evaluation.scoring, datamodule.generation_settings(),
                                   datamodule.judge_settings())
     # steered at the first candidate: a generation task reuses that decoding for its column
-    settings.use_steering(vector.at(candidates[0]), extra=candidates)
+    settings = settings.with_steering(vector.at(candidates[0]), extra=candidates)
     scored = settings.steering.grid
     evaluator = Evaluator(pl_module.model, pl_module.tokenizer, settings)
-    nan = float("nan")
+    plain_columns = [Column(m, variant="plain") for m in metrics]
+    grid_columns = [[Column(m, candidate=i) for m in metrics] for i in range(len(scored))]
     plain, values = [], []
     for batch in datamodule.selection_dataloader("validation"):
-        for record in evaluator.evaluate(batch, pl_module.device):
-            plain.append([(record.metrics["plain"] or {}).get(m, nan) for m in metrics])
-            values.append([[row.get(m, nan) for m in metrics] for row in record.grid_metrics])
+        for record in evaluator.evaluate(batch, pl_module.device):  # the test table's rows
+            row = record_row(record)
+            plain.append(row_values(row, plain_columns))
+            values.append([row_values(row, columns) for columns in grid_columns])
     if not plain:
         return None
     return ValidationScores(metrics, scored, torch.tensor(plain, dtype=torch.float64),
@@ -92,13 +95,15 @@ def decoded_scores(
     datamodule = trainer.datamodule
     settings = EvaluationSettings(pl_module.evaluation.scoring, datamodule.generation_settings(),
                                   datamodule.judge_settings())
-    settings.use_steering(vector.at(candidate))
+    settings = settings.with_steering(vector.at(candidate))
     evaluator = Evaluator(pl_module.model, pl_module.tokenizer, settings)
-    metrics, nan = list(datamodule.metric_names), float("nan")
+    metrics = list(datamodule.metric_names)
+    columns = {variant: [Column(m, variant=variant) for m in metrics] for variant in ("plain", "steered")}
     plain, steered = [], []
     for batch in datamodule.scoring_dataloader("validation"):
-        for record in evaluator.evaluate(batch, pl_module.device):
-            plain.append([(record.metrics["plain"] or {}).get(m, nan) for m in metrics])
-            steered.append([[(record.metrics["steered"] or {}).get(m, nan) for m in metrics]])
+        for record in evaluator.evaluate(batch, pl_module.device):  # the test table's rows
+            row = record_row(record)
+            plain.append(row_values(row, columns["plain"]))
+            steered.append([row_values(row, columns["steered"])])
     return ValidationScores(metrics, [candidate], torch.tensor(plain, dtype=torch.float64),
                             torch.tensor(steered, dtype=torch.float64))

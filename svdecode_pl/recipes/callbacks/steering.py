@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
+from svdecode_pl.integrations.artifact import save_artifact
 from svdecode_pl.recipes.callbacks.estimates import (
     calibrate,
     decoded_scores,
@@ -23,7 +24,6 @@ from svdecode_pl.recipes.callbacks.estimates import (
 )
 from svdecode_pl.recipes.host import SteeringHost
 from svdecode_pl.recipes.run_unit import fit_provenance, vector_directory
-from svdecode_pl.steering.artifact import save_artifact
 from svdecode_pl.steering.provenance import PROVENANCE_KEY, check_vector_belongs
 from svdecode_pl.steering.strength import (
     DEFAULT_RULE,
@@ -154,14 +154,13 @@ class SteeringVectorCallback(Callback):
         with device_seconds(host.device) as estimate_seconds:
             fits = {mode: (fitted[mode].mu, filtered[mode].steering_vector(eps=self.eps).mu) for mode in MODES}
             vector = self.choose(trainer, host, fitted["static"], fits)
-        vector.metadata.update(filter_threshold=self.filter_threshold, mu_star=fitted[vector.mode].mu)
         # where and how long (the first process's clock): a GPU run must show a GPU here
-        vector.metadata["extraction"] = {"device": str(host.device), "processes": trainer.world_size,
-                                         "calibration_seconds": round(calibration_seconds(), 3),
-                                         "estimate_seconds": round(estimate_seconds(), 3),
-                                         **vector.metadata.get("extraction", {})}
+        extraction = {"device": str(host.device), "processes": trainer.world_size,
+                      "calibration_seconds": round(calibration_seconds(), 3),
+                      "estimate_seconds": round(estimate_seconds(), 3), **vector.metadata.get("extraction", {})}
         model.train(was_training)
-        return vector
+        return vector.with_metadata(filter_threshold=self.filter_threshold, mu_star=fitted[vector.mode].mu,
+                                    extraction=extraction)
 
     def choose(self, trainer: Trainer, pl_module: LightningModule, vector: SteeringVector,
                fits: dict[str, tuple[float, float]]) -> SteeringVector:
@@ -181,9 +180,7 @@ class SteeringVectorCallback(Callback):
             if selection.source == "references" and choice.rule == "validation" and choice.guard_passed:
                 choice = confirm(choice, decoded_scores(trainer, pl_module, vector, choice.candidate), self.mode)
         rank_zero_info(describe(choice))
-        chosen = vector.chosen(choice)
-        chosen.metadata["extraction"] = {"validation_seconds": round(validation_seconds(), 3)}
-        return chosen
+        return vector.chosen(choice).with_metadata(extraction={"validation_seconds": round(validation_seconds(), 3)})
 
     def rechosen(self, vector: SteeringVector) -> SteeringVector:
         """A loaded vector at this callback's explicit strength when its record holds another (e.g.
@@ -224,25 +221,28 @@ class SteeringVectorCallback(Callback):
         host: SteeringHost = pl_module.steering_host()
         vector = self.extract(trainer, host) if self.enabled else None
         if vector is not None:
-            vector.metadata["warm_start_steps"] = trainer.global_step
-            host.evaluation.use_steering(vector, *self.test_candidates(vector))
+            vector = vector.with_metadata(warm_start_steps=trainer.global_step)
             log_summary(trainer, vector)
-        self.write_run(trainer, host, vector)
+        vector = self.write_run(trainer, host, vector)
+        if vector is not None:
+            host.attach_steering(vector, *self.test_candidates(vector))
         self._fit_ended = True
 
-    def write_run(self, trainer: Trainer, host: SteeringHost, vector: SteeringVector | None) -> None:
+    def write_run(self, trainer: Trainer, host: SteeringHost, vector: SteeringVector | None) -> SteeringVector | None:
         """The run's artifacts, by one writer: the adapter (every process calls: collective under
         ZeRO-3), then, on the first process, the vector at ``<dirpath>/steering`` and inside the
-        adapter directory (one shareable artifact: ``steering/`` + ``custom_generate/``)."""
+        adapter directory (one shareable artifact: ``steering/`` + ``custom_generate/``). The vector
+        as written (the first process's records the run's provenance)."""
         adapter = Path(trainer.default_root_dir) / "adapter"
         host.save_adapter(adapter)
         if vector is not None and trainer.is_global_zero:
-            vector.metadata[PROVENANCE_KEY] = fit_provenance(trainer, host, adapter).as_dict()
+            vector = vector.with_metadata(**{PROVENANCE_KEY: fit_provenance(trainer, host, adapter).as_dict()})
             path = vector.save(self.artifact_dir(trainer))
             if adapter.is_dir():
                 save_artifact(None, vector, adapter)
             rank_zero_info(f"steering vector ({vector}) saved to {path}")
         trainer.strategy.barrier("svdecode-fit-end")  # every process leaves with the artifacts on disk
+        return vector
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not getattr(self, "_fit_ended", False):
@@ -259,7 +259,7 @@ class SteeringVectorCallback(Callback):
         host: SteeringHost = pl_module.steering_host()
         attached = host.evaluation.steering.vector
         if attached is not None:
-            host.evaluation.use_steering(attached, *self.test_candidates(attached))
+            host.attach_steering(attached, *self.test_candidates(attached))
             return
         path = vector_directory(trainer, pl_module, self.dirpath)
         if not path.exists():
@@ -271,7 +271,7 @@ class SteeringVectorCallback(Callback):
         check_vector_belongs(vector.metadata, str(path / "steering_vector.json"),
                              getattr(pl_module.hparams, "adapter_path", None), trainer.ckpt_path is not None)
         vector = self.rechosen(vector)
-        host.evaluation.use_steering(vector, *self.test_candidates(vector))
+        host.attach_steering(vector, *self.test_candidates(vector))
         rank_zero_info(f"loaded {vector} from {path}")
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -6,7 +6,7 @@ transformers copies this file into its module cache, so the artifact's location 
 below (``ARTIFACT_DIR``, ``REPO_ID``); ``steering=<dir>`` and ``steering_mu=<float>`` override.
 Only installed packages may be imported here: torch, transformers, safetensors (huggingface_hub
 for a Hub repo). Static steering only: dynamic steering needs the adapter switched off at every
-step, which the PeftModel does (``svdecode_pl.steering.artifact.load_steered``).
+step, which the PeftModel does (``svdecode_pl.integrations.artifact.load_steered``).
 """
 
 import json
@@ -54,7 +54,7 @@ def generate(model, *args, steering=None, steering_mu=None, **kwargs):
         meta = json.load(handle)
     if meta["mode"] != "static":
         raise ValueError("custom_generate: dynamic steering is not supported here; use "
-                         "svdecode_pl.steering.artifact.load_steered")
+                         "svdecode_pl.integrations.artifact.load_steered")
     mu = float(meta["mu"] if steering_mu is None else steering_mu)
     direction = load_file(os.path.join(path, "steering_vector.safetensors"))["direction"]
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
