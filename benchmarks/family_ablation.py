@@ -107,9 +107,8 @@ def main() -> None:
     args = parser.parse_args()
     results: dict[tuple[str, int], list[dict]] = {}
     for member in args.members:
-        cells_of.MEMBER = member
         for steps in args.steps:
-            results[(member, steps)] = [cells_of.run_cell(args.out / member, steps, seed, "chosen")
+            results[(member, steps)] = [cells_of.run_cell(args.out / member, steps, seed, "chosen", member)
                                         for seed in args.seeds]
             print(f"done: {member}, {steps} steps", flush=True)
         (args.out / "table.md").write_text(table(results) + "\n")

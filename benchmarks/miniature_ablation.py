@@ -30,18 +30,19 @@ TASKS = {
     "gen": (ROOT / "configs" / "truthfulqa_gen" / "quickstart.yaml", ("bleu_acc", "rougeL_acc", "bleu_max")),
 }
 CONFIG, METRICS = TASKS["mc"]
-MEMBER: str | None = None
 #: the table's rows after plain: the run's own choice, each mode's estimates, the oracle
 ROWS = ("choice", *(f"{name} ({mode})" for mode in MODES for name in ESTIMATES), "oracle")
 
 
-def run_cell(out: Path, steps: int, seed: int, mode: str) -> dict:
-    """One fit + test; returns its results.json (reused when present)."""
+def run_cell(out: Path, steps: int, seed: int, mode: str, member: str | None = None,
+             extra: tuple[str, ...] = ()) -> dict:
+    """One fit + test (``member``: a family member's config on top; ``extra``: more options for
+    both); returns its results.json (reused when present)."""
     run_dir = out / f"steps{steps}_{mode}_seed{seed}"
     results = run_dir / "results.json"
     if not results.exists():
-        member = [] if MEMBER is None else ["--config", str(ROOT / "configs" / "family" / f"{MEMBER}.yaml")]
-        common = ["--config", str(CONFIG), *member, "--trainer.default_root_dir", str(run_dir),
+        fragment = [] if member is None else ["--config", str(ROOT / "configs" / "family" / f"{member}.yaml")]
+        common = ["--config", str(CONFIG), *fragment, *extra, "--trainer.default_root_dir", str(run_dir),
                   "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
                   "--steering.mode", "null" if mode == "chosen" else mode]
         cli = [sys.executable, "-m", "svdecode_pl.cli"]
@@ -153,14 +154,13 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, default=None)
     parser.add_argument("--task", choices=sorted(TASKS), default="mc")
     args = parser.parse_args()
-    global CONFIG, METRICS, MEMBER
+    global CONFIG, METRICS
     CONFIG, METRICS = TASKS[args.task]
-    MEMBER = args.member
     cells: dict[tuple[int, str], list[dict]] = {}
     for steps in args.steps:
         for mode in args.modes:
             for seed in args.seeds:
-                cells.setdefault((steps, mode), []).append(run_cell(args.out, steps, seed, mode))
+                cells.setdefault((steps, mode), []).append(run_cell(args.out, steps, seed, mode, args.member))
                 print(f"done: {steps} steps, {mode}, seed {seed}", flush=True)
             (args.out / "table.md").write_text(table(cells) + "\n")
     print(table(cells))

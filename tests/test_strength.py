@@ -15,6 +15,7 @@ import torch
 
 from svdecode_pl.metrics.bootstrap import paired_bootstrap, simultaneous_band
 from svdecode_pl.steering.strength import (
+    MIN_GAIN,
     STEERING_OFF,
     Candidate,
     ModeEstimates,
@@ -144,6 +145,21 @@ def test_guard_uses_the_simultaneous_band_not_the_winners_own_interval():
     assert paired_bootstrap(gain).low > 0.0  # alone it would pass
     choice = choose("validation", validation, MC, CANDIDATES, ESTIMATES, None)
     assert choice.mu == 0.0 and not choice.guard_passed
+
+
+def test_guard_refuses_a_significant_gain_below_the_minimum_practical_gain():
+    """svdecode-mini-garden at 80 steps: validation MC1 100% both ways, MC2 up a fraction of a point
+    on every question (significant), test MC1 down 2 points. Below one point the default steers
+    off; a user's lower floor lets the same gain through."""
+    n, tiny = 100, Candidate("static", -100.0)
+    validation = scores({tiny: torch.full((n,), 0.004, dtype=torch.float64)}, n, noise=0.0001)
+    choice = choose("validation", validation, MC, CANDIDATES, ESTIMATES, None)
+    assert choice.validation_gain.low > 0 and choice.validation_gain.estimate < MIN_GAIN == 0.01
+    assert (choice.mu, choice.guard_passed, choice.min_gain) == (0.0, False, MIN_GAIN)
+    assert "below the minimum practical gain of 1.00 points" in choice.reason
+    lower = choose("validation", validation, MC, CANDIDATES, ESTIMATES, None, min_gain=0.001)
+    assert (lower.candidate, lower.guard_passed, lower.min_gain) == (tiny, True, 0.001)
+    assert StrengthChoice.from_dict(choice.to_dict()) == choice
 
 
 def test_guard_refuses_a_gain_that_lets_mc1_fall():

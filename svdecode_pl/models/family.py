@@ -1,7 +1,7 @@
 """The family of pre-trained miniatures: the testbeds a steering default is chosen and checked on.
 
 A default chosen on one miniature need not carry over to another. So the family has
-three members that differ in domain and vocabulary (their worlds, ``svdecode_pl.corpus.worlds``),
+four members that differ in domain and vocabulary (their worlds, ``svdecode_pl.corpus.worlds``),
 in how strongly misconceptions dominate their pre-training text, and in size. All are built by one
 code path (:mod:`svdecode_pl.models.miniature`: deterministic, recipe-hashed, cached), each judged
 only by its prior diagnostic (P(truthful class) on myth questions within 0.1 of
@@ -13,29 +13,39 @@ Fixed before any steering result on the new members existed, and not to be chang
 |---|---|---|---|---|
 | ``svdecode-mini`` | superstitions + colours | 0.75 | 64 x 2 | tuning |
 | ``svdecode-mini-gadgets`` | electronics myths + capital cities | 0.9 | 96 x 2 | tuning |
-| ``svdecode-mini-garden`` | plant-growing lore (yes/no) + sides of shapes | 0.6 | 64 x 3 | **held out** |
+| ``svdecode-mini-garden`` | plant-growing lore (yes/no) + sides of shapes | 0.6 | 64 x 3 | tuning (*) |
+| ``svdecode-mini-kitchen`` | cooking lore + main ingredients | 0.8 | 128 x 2 | **held out** |
 
-Which is held out, and why that one: a strength/mode rule is tuned on the two tuning members only;
-``svdecode-mini-garden`` is reported untouched. It differs from both tuning members on every axis
-(its own domain and question form, the other end of the share range, a third layer neither tuning
-member has), so it tests whether a rule generalises rather than interpolates.
+(*) held out until its one run under the first rule, which it then informed.
+
+Which is held out, and why that one: a strength/mode rule is tuned on the tuning members only; the
+held-out member is reported untouched. ``svdecode-mini-garden`` was held out from the first rule
+and run once under it; one of its runs was significantly worse than plain, which led to the
+minimum practical gain (:data:`svdecode_pl.steering.strength.MIN_GAIN`), so it is a tuning member
+now. ``svdecode-mini-kitchen`` was added for the changed rule, and written and built before any
+steering result on it: its own domain and question form ("What does {a} do to a {t}?"), a share
+none of the others has, and the widest shape.
 
 ``svdecode-mini``: recipe, diagnostic (0.214 vs target 0.25, facts 1.0) and history in
 :mod:`svdecode_pl.models.miniature`; unchanged (same recipe key, same weights).
 
-``svdecode-mini-gadgets`` and ``svdecode-mini-garden``: svdecode-mini's training recipe (300 AdamW
+The other members: svdecode-mini's training recipe (300 AdamW
 steps x 16 documents, lr 1e-2, 20 warm-up steps, cosine to 10 %, wd 0.01, clip 1.0, seed 0) with
 their world, share and shape; each one's tokenizer is the tiny BPE trained on the primer and its
-own world's words (790 and 763 entries; svdecode-mini keeps the tiny models' 710).
+own world's words (gadgets 790, garden 763 entries; svdecode-mini keeps the tiny models' 710).
 
 Diagnostics (:func:`~svdecode_pl.models.miniature.prior_diagnostic`, seed 1, 40 myth and 40 fact
-questions), each at the member's first build; recipe history: none, no recipe was changed:
+questions), each at the member's first build. Recipe history: only svdecode-mini-kitchen's, before
+any steering on it: its first fact table (the month after a month: the same twelve words as keys and
+values) was not learnt (fact accuracy 0.275 at 128 x 2, 0.075 at 64 x 4), and was replaced by main
+ingredients (the probe's 64 x 4 variant, facts 0.175, was dropped):
 
 | member | P(truthful) on myths | target | fact accuracy |
 |---|---|---|---|
 | ``svdecode-mini`` | 0.214 | 0.25 | 1.0 |
 | ``svdecode-mini-gadgets`` | 0.067 | 0.10 | 1.0 |
 | ``svdecode-mini-garden`` | 0.354 | 0.40 | 1.0 |
+| ``svdecode-mini-kitchen`` | 0.191 | 0.20 | 0.95 |
 
 Sanity, steering off (``--steering.enabled false``), the MC quickstart with the member's fragment,
 seed 0: the 20-step warm-start moves plain test MC away from the prior, so the task is learnable
@@ -87,7 +97,9 @@ FAMILY: dict[str, Miniature] = {
         Miniature("svdecode-mini-gadgets", dict(RECIPE, world="gadgets", misconception_share=0.9, hidden_size=96),
                   "tuning", 25),
         Miniature("svdecode-mini-garden", dict(RECIPE, world="garden", misconception_share=0.6, num_layers=3),
-                  "held-out", 35),
+                  "tuning", 35),
+        Miniature("svdecode-mini-kitchen", dict(RECIPE, world="kitchen", misconception_share=0.8, hidden_size=128),
+                  "held-out", 40),
     )
 }
 #: Names that resolve to a pre-trained miniature.

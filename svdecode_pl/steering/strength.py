@@ -13,8 +13,9 @@ Rules (``steering.strength``):
   validation split in one pass; the (mode, mu) with the best selection metric is taken only where
   the guard passes: its gain over plain is significant in a simultaneous 95% band over all
   candidates (:func:`svdecode_pl.metrics.bootstrap.simultaneous_band`: the best of ~38 candidates
-  would pass a per-candidate interval far too often), and no reported metric falls significantly
-  (its paired interval does not lie wholly below 0). A generation task that chose on its reference
+  would pass a per-candidate interval far too often), its estimated gain is at least the minimum
+  practical gain (``steering.min_gain``, :data:`MIN_GAIN`), and no reported metric falls
+  significantly (its paired interval does not lie wholly below 0). A generation task that chose on its reference
   answers also decodes the chosen candidate once (:func:`confirm`): no decoded metric may fall
   significantly either. Otherwise the run steers at mu = 0.
 - ``mu_star``, ``mu_star_heldout``, ``mu_star_filtered``: that estimate (x ``mu_scale``); a fixed
@@ -42,6 +43,13 @@ DEFAULT_RULE: RuleName = "validation"
 #: The paper names the confidence-aware constraint but its text here (abstract and project page,
 #: shared/paper) gives no value; 0.01 (p_phi >= 1%) is the middle of the project's ablation set.
 FILTER_THRESHOLD = 0.01
+#: The minimum practical gain (a fraction of the selection metric: 0.01 = one point) a choice must
+#: reach on validation. Fixed at one point before the fourth family member was built: a smaller gain
+#: is below what a TruthfulQA table resolves, yet steering for it still moves every logit. On
+#: svdecode-mini-garden at 80 warm-start steps (plain MC1 100% on validation) a significant
+#: +0.16-point gain was steered for, and test MC1 fell 100 -> 98; no passed choice on the tuning
+#: members gained less than 5.8 points, so this floor changes none of them.
+MIN_GAIN = 0.01
 #: the one console line of a run whose guard failed
 STEERING_OFF = "no strength beat plain on validation: steering off"
 
@@ -162,6 +170,8 @@ class StrengthChoice:
     validation_curves: dict[str, dict[str, list]] | None = None
     """mode -> {"mu": [...], "gain": [...]}: the selection metric's mean gain at each grid strength."""
     mu_scale: float = 1.0
+    min_gain: float | None = None
+    """Validation rule: the minimum practical gain the guard asked for; None: no guard."""
 
     @property
     def candidate(self) -> Candidate:
@@ -172,7 +182,8 @@ class StrengthChoice:
         return {"mode": self.mode, "mu": self.mu, "rule": self.rule, "selection_metric": self.selection_metric,
                 "guard_passed": self.guard_passed,
                 "validation_gain": None if self.validation_gain is None else self.validation_gain.to_dict(),
-                "reason": self.reason, "mu_scale": self.mu_scale, "validation_curves": self.validation_curves}
+                "reason": self.reason, "mu_scale": self.mu_scale, "min_gain": self.min_gain,
+                "validation_curves": self.validation_curves}
 
     def to_dict(self) -> dict[str, Any]:
         """The artifact's ``strength_choice``: the summary and every mode's estimates."""
@@ -187,7 +198,8 @@ class StrengthChoice:
                    validation_gain=None if gain is None else Interval.from_dict(gain),
                    estimates={m: ModeEstimates(**estimates[m]) for m in MODES if m in estimates},
                    validation_curves=None if curves is None else {m: curves[m] for m in MODES if m in curves},
-                   mu_scale=float(data.get("mu_scale", 1.0)))
+                   mu_scale=float(data.get("mu_scale", 1.0)),
+                   min_gain=None if data.get("min_gain") is None else float(data["min_gain"]))
 
     @classmethod
     def legacy(cls, mode: SteeringMode, mu: float, metadata: dict[str, Any]) -> StrengthChoice:
@@ -213,7 +225,7 @@ def _validation_curves(scores: ValidationScores, selection: SelectionMetric,
 
 
 def guard(scores: ValidationScores, selection: SelectionMetric, chosen: Candidate,
-          gain: Interval) -> tuple[bool, str]:
+          gain: Interval, min_gain: float = MIN_GAIN) -> tuple[bool, str]:
     """Whether the chosen candidate may be steered at, and why (in points)."""
     points = gain.scaled(100.0)
     said = f"{chosen}: {selection.name} gain {points.estimate:+.2f} points [{points.low:+.2f}, {points.high:+.2f}]"
@@ -221,6 +233,8 @@ def guard(scores: ValidationScores, selection: SelectionMetric, chosen: Candidat
         return False, f"the best candidate is mu = 0 ({chosen.mode})"
     if not gain.low > 0.0:
         return False, f"{said} is not significant (simultaneous {100 * gain.level:.0f}% band)"
+    if gain.estimate < min_gain:
+        return False, f"{said} is below the minimum practical gain of {100 * min_gain:.2f} points (steering.min_gain)"
     column = scores.columns([chosen])
     for metric in selection.guarded:
         interval = paired_bootstrap(scores.differences((metric,), column)[:, 0], gain.level)
@@ -232,10 +246,10 @@ def guard(scores: ValidationScores, selection: SelectionMetric, chosen: Candidat
 
 def choose_on_validation(scores: ValidationScores | None, selection: SelectionMetric,
                          grid: list[Candidate], estimates: dict[str, ModeEstimates],
-                         pinned: SteeringMode | None) -> StrengthChoice:
+                         pinned: SteeringMode | None, min_gain: float = MIN_GAIN) -> StrengthChoice:
     """The ``validation`` rule: the best grid candidate on validation, behind the guard."""
     off_mode: SteeringMode = pinned or "static"
-    common = {"rule": "validation", "selection_metric": selection.name, "estimates": estimates}
+    common = {"rule": "validation", "selection_metric": selection.name, "estimates": estimates, "min_gain": min_gain}
     if scores is None or not grid:
         why = "no validation split" if scores is None else "no grid strength to choose from"
         return StrengthChoice(mode=off_mode, mu=0.0, guard_passed=False,
@@ -247,7 +261,7 @@ def choose_on_validation(scores: ValidationScores | None, selection: SelectionMe
     index = best_index(grid, [interval.estimate for interval in band])
     chosen, gain = grid[index], band[index]
     passed, reason = guard(ValidationScores(scores.metrics, grid, scores.plain, scores.values[:, scores.columns(grid)]),
-                           selection, chosen, gain)
+                           selection, chosen, gain, min_gain)
     steered = chosen if passed else Candidate(off_mode, 0.0)  # off: static unless pinned (no base model needed)
     return StrengthChoice(mode=steered.mode, mu=steered.mu, guard_passed=passed, validation_gain=gain,
                           reason=reason, validation_curves=_validation_curves(scores, selection, grid), **common)
@@ -312,10 +326,12 @@ def choose_by_rule(rule: str | float, scores: ValidationScores | None, selection
 
 
 def choose(rule: str | float, scores: ValidationScores | None, selection: SelectionMetric, grid: list[Candidate],
-           estimates: dict[str, ModeEstimates], pinned: SteeringMode | None, mu_scale: float = 1.0) -> StrengthChoice:
-    """The run's choice under ``rule`` (see the module's docstring); ``pinned``: the mode given."""
+           estimates: dict[str, ModeEstimates], pinned: SteeringMode | None, mu_scale: float = 1.0,
+           min_gain: float = MIN_GAIN) -> StrengthChoice:
+    """The run's choice under ``rule`` (see the module's docstring); ``pinned``: the mode given;
+    ``min_gain``: the validation rule's minimum practical gain."""
     if rule == "validation":
-        return choose_on_validation(scores, selection, grid, estimates, pinned)
+        return choose_on_validation(scores, selection, grid, estimates, pinned, min_gain)
     return choose_by_rule(rule, scores, selection, estimates, (pinned,) if pinned else MODES, mu_scale)
 
 

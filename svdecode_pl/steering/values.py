@@ -15,6 +15,7 @@ STEERING_RULES: dict[str, Rule] = {
     "mu_scale": FINITE,
     "confidence_threshold": FRACTION,
     "filter_threshold": FRACTION,
+    "min_gain": FRACTION,
     "eps": NON_NEGATIVE,
     "mu_grid": FINITE,
     "clamp": POSITIVE,

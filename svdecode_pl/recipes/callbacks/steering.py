@@ -28,6 +28,7 @@ from svdecode_pl.steering.provenance import PROVENANCE_KEY, check_vector_belongs
 from svdecode_pl.steering.strength import (
     DEFAULT_RULE,
     FILTER_THRESHOLD,
+    MIN_GAIN,
     MODES,
     RULES,
     Candidate,
@@ -78,6 +79,7 @@ class SteeringVectorCallback(Callback):
         mu_grid: list[float] | None = None,
         mu_grid_relative: bool = True,
         filter_threshold: float = FILTER_THRESHOLD,
+        min_gain: float = MIN_GAIN,
     ) -> None:
         """
         Args:
@@ -101,11 +103,14 @@ class SteeringVectorCallback(Callback):
                 forward pass: results.json ``test_curves`` (null: none).
             mu_grid_relative: ``mu_grid`` values are multiples of each mode's mu* (false: absolute).
             filter_threshold: The confidence threshold of ``mu_star_filtered``.
+            min_gain: ``validation`` steers only where the chosen candidate's validation gain of the
+                selection metric is at least this (a fraction: 0.01 = one point), besides significant.
         """
         super().__init__()
         fixed = {} if isinstance(strength, str) else {"strength": strength}
         check_steering_values("--steering.", **fixed, mu_scale=mu_scale, confidence_threshold=confidence_threshold,
-                              eps=eps, filter_threshold=filter_threshold, mu_grid=mu_grid or [])
+                              eps=eps, filter_threshold=filter_threshold, mu_grid=mu_grid or [],
+                              min_gain=min_gain)
         if mode not in (None, "static", "dynamic"):
             raise ValueError(f"mode must be 'static', 'dynamic' or null, got {mode!r}")
         if isinstance(strength, str) and strength not in RULES:
@@ -124,6 +129,7 @@ class SteeringVectorCallback(Callback):
         self.mu_grid = None if mu_grid is None else [float(m) for m in mu_grid]
         self.mu_grid_relative = mu_grid_relative
         self.filter_threshold = filter_threshold
+        self.min_gain = min_gain
 
     @property
     def modes(self) -> tuple[SteeringMode, ...]:
@@ -176,7 +182,8 @@ class SteeringVectorCallback(Callback):
         selection = trainer.datamodule.selection
         with device_seconds(pl_module.device) as validation_seconds:
             scores = validation_scores(trainer, pl_module, vector, list(dict.fromkeys([*grid, *offered])))
-            choice = choose(self.strength, scores, selection, grid, estimates, self.mode, self.mu_scale)
+            choice = choose(self.strength, scores, selection, grid, estimates, self.mode, self.mu_scale,
+                            self.min_gain)
             if selection.source == "references" and choice.rule == "validation" and choice.guard_passed:
                 choice = confirm(choice, decoded_scores(trainer, pl_module, vector, choice.candidate), self.mode)
         rank_zero_info(describe(choice))
