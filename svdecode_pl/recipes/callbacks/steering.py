@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -48,6 +48,19 @@ from svdecode_pl.steering.strength import (
 from svdecode_pl.steering.values import check_steering_values
 from svdecode_pl.steering.vector import SteeringVector
 from svdecode_pl.utils.errors import OptionError
+
+
+def _check_options(mode: SteeringMode | None, strength: RuleName | float, **values: Any) -> None:
+    """The callback's options, refused before any work starts (the CLI's preflight applies the same rules)."""
+    fixed = {} if isinstance(strength, str) else {"strength": strength}
+    check_steering_values("--steering.", **fixed, **values)
+    if mode not in (None, "static", "dynamic"):
+        raise ValueError(f"mode must be 'static', 'dynamic' or null, got {mode!r}")
+    if isinstance(strength, str) and strength not in RULES:
+        raise ValueError(f"strength must be one of {', '.join(RULES)} or a number, got {strength!r}")
+    if strength == "validation" and values["mu_scale"] != 1.0:
+        raise ValueError(f"mu_scale {values['mu_scale']} scales an estimate or a fixed strength; strength "
+                         "'validation' takes the grid's strengths as they are")
 
 
 class SteeringVectorCallback(Callback):
@@ -107,17 +120,8 @@ class SteeringVectorCallback(Callback):
                 selection metric is at least this (a fraction: 0.01 = one point), besides significant.
         """
         super().__init__()
-        fixed = {} if isinstance(strength, str) else {"strength": strength}
-        check_steering_values("--steering.", **fixed, mu_scale=mu_scale, confidence_threshold=confidence_threshold,
-                              eps=eps, filter_threshold=filter_threshold, mu_grid=mu_grid or [],
-                              min_gain=min_gain)
-        if mode not in (None, "static", "dynamic"):
-            raise ValueError(f"mode must be 'static', 'dynamic' or null, got {mode!r}")
-        if isinstance(strength, str) and strength not in RULES:
-            raise ValueError(f"strength must be one of {', '.join(RULES)} or a number, got {strength!r}")
-        if strength == "validation" and mu_scale != 1.0:
-            raise ValueError(f"mu_scale {mu_scale} scales an estimate or a fixed strength; strength 'validation' "
-                             "takes the grid's strengths as they are")
+        _check_options(mode, strength, mu_scale=mu_scale, confidence_threshold=confidence_threshold, eps=eps,
+                       filter_threshold=filter_threshold, mu_grid=mu_grid or [], min_gain=min_gain)
         self.mode: SteeringMode | None = mode
         self.confidence_threshold = confidence_threshold
         self.eps = eps
