@@ -10,14 +10,16 @@ results.json, report) reads.
 Rules (``steering.strength``):
 
 - ``validation`` (the default): both modes (or the pinned one) along the mu grid are scored on the
-  validation split in one pass; the (mode, mu) with the best selection metric is taken only where
-  the guard passes: its gain over plain is significant in a simultaneous 95% band over all
-  candidates (:func:`svdecode_pl.metrics.bootstrap.simultaneous_band`: the best of ~38 candidates
-  would pass a per-candidate interval far too often), its estimated gain is at least the minimum
-  practical gain (``steering.min_gain``, :data:`MIN_GAIN`), and no reported metric falls
-  significantly (its paired interval does not lie wholly below 0). A generation task that chose on its reference
-  answers also decodes the chosen candidate once (:func:`confirm`): no decoded metric may fall
-  significantly either. Otherwise the run steers at mu = 0.
+  validation split in one pass. A candidate is eligible only where no reported metric falls on
+  validation (its mean gain over plain is not below 0: a selection metric such as mean(MC1, MC2)
+  can rise while MC1 falls, the paper's own hazard). The eligible (mode, mu) with the best
+  selection metric is taken only where the guard passes: its gain over plain is significant in a
+  simultaneous 95% band over all candidates (:func:`svdecode_pl.metrics.bootstrap.simultaneous_band`:
+  the best of ~38 candidates would pass a per-candidate interval far too often), and its estimated
+  gain is at least the minimum practical gain (``steering.min_gain``, :data:`MIN_GAIN`). A
+  generation task that chose on its reference answers also decodes the chosen candidate once
+  (:func:`confirm`): no decoded metric may fall significantly either. Otherwise the run steers at
+  mu = 0.
 - ``mu_star``, ``mu_star_heldout``, ``mu_star_filtered``: that estimate (x ``mu_scale``); a fixed
   number: that strength. No guard (an explicit choice); the validation gain is still recorded.
 """
@@ -50,6 +52,8 @@ FILTER_THRESHOLD = 0.01
 #: +0.16-point gain was steered for, and test MC1 fell 100 -> 98; no passed choice on the tuning
 #: members gained less than 5.8 points, so this floor changes none of them.
 MIN_GAIN = 0.01
+#: A metric "falls" on validation below this mean gain (float rounding is no fall).
+FALL_TOLERANCE = 1e-9
 #: the one console line of a run whose guard failed
 STEERING_OFF = "no strength beat plain on validation: steering off"
 
@@ -83,7 +87,7 @@ class ModeEstimates:
 @dataclass(frozen=True)
 class SelectionMetric:
     """What chooses a strength: the per-question mean of ``metrics``; and the metrics that must not
-    fall significantly (``guarded``). MC tasks select on mean(MC1, MC2): MC2 alone (the mass on
+    fall on validation (``guarded``). MC tasks select on mean(MC1, MC2): MC2 alone (the mass on
     the true answers) rose while MC1 (the top answer) fell, as in 5 of the paper's 12 rows."""
 
     metrics: tuple[str, ...]
@@ -224,24 +228,36 @@ def _validation_curves(scores: ValidationScores, selection: SelectionMetric,
     return curves
 
 
-def guard(scores: ValidationScores, selection: SelectionMetric, chosen: Candidate,
-          gain: Interval, min_gain: float = MIN_GAIN) -> tuple[bool, str]:
-    """Whether the chosen candidate may be steered at, and why (in points)."""
+def falling_metrics(scores: ValidationScores, selection: SelectionMetric,
+                    candidates: list[Candidate]) -> list[str | None]:
+    """Per candidate: the first guarded metric whose mean validation gain is below 0, with that gain
+    in points (None: no metric falls, the candidate is eligible). Sums in question order."""
+    columns = scores.columns(candidates)
+    gains = {}
+    for metric in (m for m in selection.guarded if m in scores.metrics):
+        difference = scores.differences((metric,), columns)
+        known = torch.isfinite(difference)
+        gains[metric] = ordered_mean(torch.where(known, difference, 0.0)) * len(difference) / known.sum(0).clamp(min=1)
+    return [next((f"{metric} {100 * float(gain[k]):+.2f} points" for metric, gain in gains.items()
+                  if gain[k] < -FALL_TOLERANCE), None) for k in range(len(candidates))]
+
+
+def guard(selection: SelectionMetric, chosen: Candidate, gain: Interval, candidates: int,
+          min_gain: float = MIN_GAIN, passed_over: str = "") -> tuple[bool, str]:
+    """Whether the chosen (eligible) candidate may be steered at, and why (in points). ``candidates``:
+    how many the band covers; ``passed_over``: what a better, ineligible candidate did."""
     points = gain.scaled(100.0)
     said = f"{chosen}: {selection.name} gain {points.estimate:+.2f} points [{points.low:+.2f}, {points.high:+.2f}]"
     if chosen.mu == 0.0:
-        return False, f"the best candidate is mu = 0 ({chosen.mode})"
-    if not gain.low > 0.0:
-        return False, f"{said} is not significant (simultaneous {100 * gain.level:.0f}% band)"
-    if gain.estimate < min_gain:
-        return False, f"{said} is below the minimum practical gain of {100 * min_gain:.2f} points (steering.min_gain)"
-    column = scores.columns([chosen])
-    for metric in selection.guarded:
-        interval = paired_bootstrap(scores.differences((metric,), column)[:, 0], gain.level)
-        if interval is not None and interval.high < 0.0:
-            return False, f"{said}, but {metric} falls significantly ([{100 * interval.low:+.2f}, " \
-                          f"{100 * interval.high:+.2f}] points)"
-    return True, f"{said} (simultaneous {100 * gain.level:.0f}% band over {len(scores.candidates)} candidates)"
+        passed, reason = False, f"the best candidate is mu = 0 ({chosen.mode})"
+    elif not gain.low > 0.0:
+        passed, reason = False, f"{said} is not significant (simultaneous {100 * gain.level:.0f}% band)"
+    elif gain.estimate < min_gain:
+        passed, reason = False, f"{said} is below the minimum practical gain of {100 * min_gain:.2f} points " \
+                                "(steering.min_gain)"
+    else:
+        passed, reason = True, f"{said} (simultaneous {100 * gain.level:.0f}% band over {candidates} candidates)"
+    return passed, reason + passed_over
 
 
 def choose_on_validation(scores: ValidationScores | None, selection: SelectionMetric,
@@ -258,10 +274,16 @@ def choose_on_validation(scores: ValidationScores | None, selection: SelectionMe
     if band is None:
         return StrengthChoice(mode=off_mode, mu=0.0, guard_passed=False,
                               reason="no validation question has a value: steering off", **common)
-    index = best_index(grid, [interval.estimate for interval in band])
+    falls = falling_metrics(scores, selection, grid)
+    index = best_index(grid, [None if fall else interval.estimate for interval, fall in zip(band, falls)])
+    best = best_index(grid, [interval.estimate for interval in band])
+    if index is None:
+        return StrengthChoice(mode=off_mode, mu=0.0, guard_passed=False, reason="every candidate lets a reported "
+                              "metric fall on validation: steering off", **common)
+    passed_over = "" if best == index else f"; {grid[best]} gained more " \
+        f"({100 * band[best].estimate:+.2f} points) but {falls[best]} on validation"
     chosen, gain = grid[index], band[index]
-    passed, reason = guard(ValidationScores(scores.metrics, grid, scores.plain, scores.values[:, scores.columns(grid)]),
-                           selection, chosen, gain, min_gain)
+    passed, reason = guard(selection, chosen, gain, len(grid), min_gain, passed_over)
     steered = chosen if passed else Candidate(off_mode, 0.0)  # off: static unless pinned (no base model needed)
     return StrengthChoice(mode=steered.mode, mu=steered.mu, guard_passed=passed, validation_gain=gain,
                           reason=reason, validation_curves=_validation_curves(scores, selection, grid), **common)
