@@ -95,8 +95,9 @@ class TruthfulQADataModule(TaskDataModule):
             tokenizer: Tokenizer name or path (linked to ``--model.name_or_path`` by the CLI).
             path: Local TruthfulQA MC file; overrides the generated task and the hub.
             synthetic_questions: Number of generated questions (the embedded default task).
-            world: The generated task's world (``svdecode_pl.corpus.worlds``: superstitions, gadgets, garden, kitchen;
-                each miniature of ``svdecode_pl.models.family`` is pre-trained on one, see configs/family/).
+            world: The generated task's world (``svdecode_pl.corpus.worlds``: superstitions, gadgets, garden,
+                kitchen, sports; each miniature of ``svdecode_pl.models.family`` is pre-trained on one, see
+                configs/family/).
             hub_id: Hub dataset id, used when neither ``path`` nor the generated task is set.
             hub_config: Hub dataset configuration.
             hub_split: Hub dataset split.
