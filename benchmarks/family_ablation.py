@@ -89,7 +89,7 @@ def figure(results: dict[tuple[str, int], list[dict]], path: Path) -> None:
         ax.set_xscale("log")
         ax.minorticks_off()
         ax.set_xticks(lengths, [str(s) for s in lengths])
-        ax.set_title(member)
+        ax.set_title(f"{member} ({FAMILY[member].role})", fontsize=9)
         ax.set_xlabel("warm-start steps")
     axes[0][0].set_ylabel("test MC1 steered - plain (points)")
     axes[0][-1].legend(fontsize=8)
