@@ -163,7 +163,7 @@ class TaskDataModule(LightningDataModule):
     @property
     def selection(self) -> SelectionMetric:
         """What chooses a strength on the validation split (:mod:`svdecode_pl.steering.strength`):
-        by default the first metric, with every reported metric guarded against a significant fall."""
+        by default the first metric, with every reported metric guarded (none may fall on validation)."""
         return SelectionMetric((self.metric_names[0],), tuple(self.metric_names))
 
     def selection_items(self, split: Split = "validation") -> list[EvalItem]:
