@@ -12,7 +12,7 @@
 #
 # Environment knobs (all optional):
 #   SLURM_CLUSTER_TIMEOUT  seconds to wait for the node to become idle (60)
-#   SLURM_CLUSTER_CPUS     CPUs of the node (nproc)
+#   SLURM_CLUSTER_CPUS     CPUs of the node (nproc, not limited by OMP_NUM_THREADS)
 set -euo pipefail
 
 CONF_DIR=/etc/slurm
@@ -80,7 +80,9 @@ write_munge_key() {
 # prints the wanted slurm.conf on stdout
 render_conf() {
     local cpus mem
-    cpus=${SLURM_CLUSTER_CPUS:-$(nproc)}
+    # nproc honours OMP_NUM_THREADS: at 1 the node got 1 CPU and every 2-CPU job pended forever
+    # (PartitionConfig); at 4, more CPUs than slurmd finds, and the node was invalid
+    cpus=${SLURM_CLUSTER_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
     # RealMemory must not exceed what slurmd finds, or the node drains: use 90%
     mem=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
     cat <<EOF
@@ -242,8 +244,9 @@ case ${1:-} in
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
+    conf) render_conf ;;
     *)
-        echo "usage: $0 start|stop|status" >&2
+        echo "usage: $0 start|stop|status|conf" >&2
         exit 2
         ;;
 esac

@@ -89,6 +89,19 @@ def test_slurm_scripts_present() -> None:
         assert "#SBATCH --requeue" in script
 
 
+def test_the_node_has_the_machines_cpus_at_any_thread_count() -> None:
+    """slurm.conf's CPUs must not follow OMP_NUM_THREADS (nproc does): at 1 every 2-CPU job pended
+    forever, at 4 the node was invalid."""
+    def cpus(threads: str | None) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "SLURM_CLUSTER_CPUS")}
+        env.update({} if threads is None else {"OMP_NUM_THREADS": threads})
+        conf = subprocess.run(["bash", str(CLUSTER_SH), "conf"], capture_output=True, text=True, env=env, timeout=30)
+        assert conf.returncode == 0, conf.stderr
+        return re.search(r"NodeName=.* CPUs=(\d+)", conf.stdout).group(1)
+
+    assert cpus("1") == cpus("4") == cpus(None) == str(len(os.sched_getaffinity(0)))
+
+
 # --------------------------------------------------------------------------- cluster
 
 
