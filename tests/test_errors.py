@@ -584,7 +584,8 @@ def test_user_input_error_is_the_common_base():
      "did you mean float32"),
     (["--trainer.default_root_dir", "README.md"], "--trainer.default_root_dir README.md: is a file", None),
     (["--data.world", "moon"],
-     "--data.world 'moon': no such world (expected one of superstitions, gadgets, garden, kitchen, sports)", None),
+     "--data.world 'moon': no such world (expected one of superstitions, gadgets, garden, kitchen, sports, "
+     "school)", None),
     (["--config", str(ROOT / "configs" / "truthfulqa_gen" / "quickstart.yaml"), "--data.generation.do_sample", "true",
       "--data.generation.temperature", "0"],
      "--data.generation.do_sample true cannot run with --data.generation.temperature 0", None),

@@ -24,7 +24,8 @@ from svdecode_pl.tasks.truthfulqa_gen import TruthfulQAGenerationDataModule
 #: The recipe keys as fixed (svdecode-mini's is the one its cache has always had): a change to a
 #: member's recipe or world tables changes its weights, and must not happen after steering results
 KEYS = {"svdecode-mini": "47cda4d14b", "svdecode-mini-gadgets": "6fc3f99557", "svdecode-mini-garden": "7b223cd9d5",
-        "svdecode-mini-kitchen": "a5251df197", "svdecode-mini-sports": "bd533ccd5e"}
+        "svdecode-mini-kitchen": "a5251df197", "svdecode-mini-sports": "bd533ccd5e",
+        "svdecode-mini-school": "1214badbee"}
 
 
 def _digest(value) -> str:
@@ -42,15 +43,16 @@ def test_svdecode_mini_is_unchanged():
 
 
 def test_the_family_is_as_fixed():
-    """Five members, each its own world, share and shape; four for tuning (garden since it informed
-    the minimum practical gain, kitchen since it informed eligibility), one held out."""
+    """Six members, each its own world, share and shape; five for tuning (garden since it informed
+    the minimum practical gain, kitchen since it informed eligibility, sports since it informed the
+    family's 300-question validation split), one held out."""
     assert {name: recipe_key(m.recipe) for name, m in FAMILY.items()} == KEYS
     assert TUNING_MEMBERS == ("svdecode-mini", "svdecode-mini-gadgets", "svdecode-mini-garden",
-                              "svdecode-mini-kitchen")
-    assert HELD_OUT_MEMBERS == ("svdecode-mini-sports",)
+                              "svdecode-mini-kitchen", "svdecode-mini-sports")
+    assert HELD_OUT_MEMBERS == ("svdecode-mini-school",)
     recipes = [m.recipe for m in FAMILY.values()]
-    assert sorted(r["misconception_share"] for r in recipes) == [0.6, 0.7, 0.75, 0.8, 0.9]
-    assert len({(r["hidden_size"], r["num_layers"]) for r in recipes}) == 5
+    assert sorted(r["misconception_share"] for r in recipes) == [0.6, 0.65, 0.7, 0.75, 0.8, 0.9]
+    assert len({(r["hidden_size"], r["num_layers"]) for r in recipes}) == 6
     worlds = [m.world for m in FAMILY.values()]
     assert {w.name for w in worlds} == set(WORLDS)
     for i, a in enumerate(worlds):  # a domain and a vocabulary of its own
@@ -77,7 +79,7 @@ def test_the_world_reaches_the_questions(module):
     default = module(synthetic_questions=20)
     assert default.source == "synthetic(20, seed=0)"
     assert "What happens if you" in default.load_questions()[0].question
-    for name in ("gadgets", "garden", "kitchen", "sports"):
+    for name in ("gadgets", "garden", "kitchen", "sports", "school"):
         world = WORLDS[name]
         data = module(synthetic_questions=20, world=name)
         assert data.source == f"synthetic(20, seed=0, world={name})"

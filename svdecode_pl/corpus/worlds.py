@@ -69,7 +69,7 @@ def _read_worlds(path: Path) -> dict[str, World]:
     return worlds
 
 
-#: superstitions (svdecode-mini's and every config's default), gadgets, garden, kitchen, sports: ``worlds.yaml``
+#: superstitions (svdecode-mini's and every config's default), gadgets, garden, kitchen, sports, school: ``worlds.yaml``
 WORLDS: dict[str, World] = _read_worlds(Path(__file__).with_name("worlds.yaml"))
 SUPERSTITIONS = WORLDS["superstitions"]
 DEFAULT_WORLD = SUPERSTITIONS.name

@@ -1,7 +1,7 @@
 """The family of pre-trained miniatures: the testbeds a steering default is chosen and checked on.
 
 A default chosen on one miniature need not carry over to another. So the family has
-five members that differ in domain and vocabulary (their worlds, ``svdecode_pl.corpus.worlds``),
+six members that differ in domain and vocabulary (their worlds, ``svdecode_pl.corpus.worlds``),
 in how strongly misconceptions dominate their pre-training text, and in size. All are built by one
 code path (:mod:`svdecode_pl.models.miniature`: deterministic, recipe-hashed, cached), each judged
 only by its prior diagnostic (P(truthful class) on myth questions within 0.1 of
@@ -15,11 +15,14 @@ Fixed before any steering result on the new members existed, and not to be chang
 | ``svdecode-mini-gadgets`` | electronics myths + capital cities | 0.9 | 96 x 2 | tuning |
 | ``svdecode-mini-garden`` | plant-growing lore (yes/no) + sides of shapes | 0.6 | 64 x 3 | tuning (*) |
 | ``svdecode-mini-kitchen`` | cooking lore + main ingredients | 0.8 | 128 x 2 | tuning (**) |
-| ``svdecode-mini-sports`` | athletes' rituals (yes/no) + instrument families | 0.7 | 80 x 2 | **held out** |
+| ``svdecode-mini-sports`` | athletes' rituals (yes/no) + instrument families | 0.7 | 80 x 2 | tuning (***) |
+| ``svdecode-mini-school`` | exam rituals (yes/no) + main language of a country | 0.65 | 96 x 3 | **held out** |
 
 (*) held out until its one run under the first rule, which it then informed.
 (**) held out until its one run under the second rule (with the minimum practical gain), which it
 then informed.
+(***) held out until its one run under eligibility (100 validation questions), which, with
+svdecode-mini's 80-step cells, informed the family's 300-question validation split.
 
 Which is held out, and why that one: a strength/mode rule is tuned on the tuning members only; the
 held-out member is reported untouched. ``svdecode-mini-garden`` was held out from the first rule
@@ -28,9 +31,13 @@ minimum practical gain (:data:`svdecode_pl.steering.strength.MIN_GAIN`). ``svdec
 was added for that rule and run once under it; one of its runs let test MC1 fall significantly
 while MC2 rose, which led to eligibility (no reported metric may fall on validation:
 :func:`svdecode_pl.steering.strength.falling_metrics`). Both are tuning members now.
-``svdecode-mini-sports`` was added for the eligibility rule, written and built before any steering
-result on it: its own domain and question form ("Will a {t} win more often if they {a} before a
-match?"), a share none of the others has, and a shape of its own.
+``svdecode-mini-sports`` was added for the eligibility rule and run once under it: at 80 steps the
+default found none of the oracle's 8.7-point MC1 gain, the best validation gain (+2.7 to +3.2 points)
+not being significant on 100 validation questions; the same held on svdecode-mini at 80 steps. The
+rule stayed; the family's validation split grew to 300 questions (measured on the tuning members).
+``svdecode-mini-school`` was added for that protocol, written and built before any steering result
+on it: its own domain (exam rituals, asked yes/no, "Will a student pass a {t} more easily if they
+{a}?"; the main language of a country), a share none of the others has, and a shape of its own.
 
 ``svdecode-mini``: recipe, diagnostic (0.214 vs target 0.25, facts 1.0) and history in
 :mod:`svdecode_pl.models.miniature`; unchanged (same recipe key, same weights).
@@ -47,7 +54,8 @@ keys and values) was not learnt (fact accuracy 0.275 at 128 x 2, 0.075 at 64 x 4
 by main ingredients (the probe's 64 x 4 variant, facts 0.175, was dropped). svdecode-mini-sports
 missed its myth prior at three shapes before 80 x 2 (P(truthful) 0.026 at 48 x 2, 0.100 at 48 x 3,
 0.775 at 96 x 3, target 0.30; facts 1.0 at each): the prior a miniature learns from the same text
-moves with its shape, which is why each build is judged by its diagnostic:
+moves with its shape, which is why each build is judged by its diagnostic. svdecode-mini-school missed
+its facts at 112 x 2 (P(truthful) 0.390, target 0.35, facts 0.5) and passed at 96 x 3:
 
 | member | P(truthful) on myths | target | fact accuracy |
 |---|---|---|---|
@@ -56,12 +64,14 @@ moves with its shape, which is why each build is judged by its diagnostic:
 | ``svdecode-mini-garden`` | 0.354 | 0.40 | 1.0 |
 | ``svdecode-mini-kitchen`` | 0.191 | 0.20 | 0.95 |
 | ``svdecode-mini-sports`` | 0.296 | 0.30 | 1.0 |
+| ``svdecode-mini-school`` | 0.391 | 0.35 | 1.0 |
 
 Sanity, steering off (``--steering.enabled false``), the MC quickstart with the member's fragment,
 seed 0: the 20-step warm-start moves plain test MC away from the prior, so the task is learnable
 and differs from pre-training: gadgets MC1 43.5 -> 56.0, MC2 49.7 -> 72.4; garden MC1 59.0 -> 87.0,
 MC2 70.2 -> 93.2; sports (before it was committed; the prior from a 0-step fit, an adapter at its
-zero init) MC1 61.5 -> 84.0, MC2 68.5 -> 82.0. No steered result on a new member was looked at
+zero init) MC1 61.5 -> 84.0, MC2 68.5 -> 82.0; school (the same way) MC1 55.5 -> 87.0, MC2 74.5 ->
+90.8. No steered result on a new member was looked at
 before it was committed.
 
 Build time: on the project's shared 2-core machine under load (other jobs running), back to back,
@@ -113,7 +123,9 @@ FAMILY: dict[str, Miniature] = {
         Miniature("svdecode-mini-kitchen", dict(RECIPE, world="kitchen", misconception_share=0.8, hidden_size=128),
                   "tuning", 40),
         Miniature("svdecode-mini-sports", dict(RECIPE, world="sports", misconception_share=0.7, hidden_size=80),
-                  "held-out", 25),
+                  "tuning", 25),
+        Miniature("svdecode-mini-school",
+                  dict(RECIPE, world="school", misconception_share=0.65, hidden_size=96, num_layers=3), "held-out", 40),
     )
 }
 #: Names that resolve to a pre-trained miniature.

@@ -174,7 +174,7 @@ class TruthfulQAGenerationDataModule(TaskDataModule):
             path: Local ``TruthfulQA.csv`` or JSON/JSONL of the hub's generation form.
             synthetic_questions: Number of generated questions (the embedded default task).
             world: The generated task's world (``svdecode_pl.corpus.worlds``: superstitions, gadgets, garden,
-                kitchen, sports; each miniature of ``svdecode_pl.models.family`` is pre-trained on one, see
+                kitchen, sports, school; each miniature of ``svdecode_pl.models.family`` is pre-trained on one, see
                 configs/family/).
             hub_id: Hub dataset id, used when neither ``path`` nor the generated task is set.
             hub_config: Hub dataset configuration.
