@@ -47,6 +47,13 @@ def split_options(validation_questions: int) -> tuple[str, ...]:
             repr(WARM_START_QUESTIONS / total), "--data.init_args.val_fraction", repr(validation_questions / total))
 
 
+def positive_count(text: str) -> int:
+    """An argparse type: a whole number >= 1 (0 validation questions would leave nothing to choose on)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return int(text)
+
+
 def significance(result: dict) -> tuple[bool, bool]:
     """(worse, better): some metric's paired interval wholly below 0; MC1's or MC2's wholly above."""
     difference = result["test_difference"]
@@ -118,7 +125,7 @@ def main() -> None:
     parser.add_argument("--members", nargs="+", default=list(FAMILY))
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 20, 80])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--validation-questions", type=int, default=300)
+    parser.add_argument("--validation-questions", type=positive_count, default=300)
     parser.add_argument("--figure", type=Path, default=None)
     args = parser.parse_args()
     split = split_options(args.validation_questions)

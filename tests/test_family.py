@@ -5,8 +5,11 @@ task's questions, and each member's prior diagnostic (slow: the full pre-trainin
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ from svdecode_pl.models.tiny import build_tokenizer
 from svdecode_pl.tasks import TruthfulQADataModule
 from svdecode_pl.tasks.truthfulqa_gen import TruthfulQAGenerationDataModule
 
+ROOT = Path(__file__).resolve().parents[1]
 #: The recipe keys as fixed (svdecode-mini's is the one its cache has always had): a change to a
 #: member's recipe or world tables changes its weights, and must not happen after steering results
 KEYS = {"svdecode-mini": "47cda4d14b", "svdecode-mini-gadgets": "6fc3f99557", "svdecode-mini-garden": "7b223cd9d5",
@@ -89,6 +93,30 @@ def test_the_world_reaches_the_questions(module):
         assert all(q.question in (myths if i % 2 == 0 else facts) for i, q in enumerate(questions))
         if module is TruthfulQAGenerationDataModule:
             assert {q.category for q in questions} == set(world.categories)
+
+
+def _family_ablation():
+    spec = importlib.util.spec_from_file_location("family_ablation", ROOT / "benchmarks" / "family_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("validation", [1, 100, 300, 333])
+def test_the_family_split_is_exact(validation):
+    """The ablation's split options give 200 warm-start questions and ``validation`` each for
+    validation and test (the fractions survive float rounding in the data module's split)."""
+    options = dict(zip(*[iter(_family_ablation().split_options(validation))] * 2))
+    data = TruthfulQADataModule(synthetic_questions=int(options["--data.init_args.synthetic_questions"]),
+                                train_fraction=float(options["--data.init_args.train_fraction"]),
+                                val_fraction=float(options["--data.init_args.val_fraction"]))
+    assert [len(data.split(name)) for name in ("train", "validation", "test")] == [200, validation, validation]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "2.5"])
+def test_the_family_ablation_refuses_a_validation_size_that_is_not_a_count(value):
+    with pytest.raises(argparse.ArgumentTypeError, match="whole number >= 1"):
+        _family_ablation().positive_count(value)
 
 
 @pytest.mark.slow
